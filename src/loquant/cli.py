@@ -1,0 +1,203 @@
+"""The `loquant` command: quantize, eval, info. Thin over the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from loquant.data import eval_windows, load_text, tokenize
+from loquant.errors import LoquantError
+from loquant.evaluate import perplexity
+from loquant.model import QuantConfig, quant_layers, quantize
+from loquant.serialization import ensure_writable, read_config, save, tensor_nbytes
+from loquant.sources import load_model
+from loquant.storage import storage_report
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def _round(obj):
+    if isinstance(obj, float):
+        return round(obj, 4)
+    if isinstance(obj, dict):
+        return {k: _round(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_round(v) for v in obj]
+    return obj
+
+
+def _emit_json(obj: dict) -> None:
+    print(json.dumps(_round(obj), sort_keys=True))
+
+
+def model_bits_per_weight(model: torch.nn.Module) -> float:
+    """Measured bits per weight of the quantized layers; for a float model, its dtype's bits."""
+    layers = quant_layers(model)
+    if layers:
+        qc = model.config.quantization_config
+        nbytes = {k: v.nbytes for k, v in model.state_dict().items()}
+        return storage_report(qc["layers"], nbytes)["bits_per_weight"]
+    weight = next(m.weight for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return float(torch.finfo(weight.dtype).bits)
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--corpus", default="sotu-test", help="sotu-test, sotu-calib or a text file")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--windows", type=int, default=40, help="windows evaluated (default 40)")
+    p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
+
+
+def _eval(model, tokenizer, args) -> dict:
+    windows = eval_windows(tokenize(tokenizer, load_text(args.corpus)), args.seq_len, args.windows)
+    start = time.perf_counter()
+    result = perplexity(model, windows, batch_size=args.batch_size)
+    return {
+        **result,
+        "corpus": args.corpus,
+        "seq_len": args.seq_len,
+        "windows": args.windows,
+        "bits_per_weight": model_bits_per_weight(model),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def cmd_quantize(args) -> None:
+    config = QuantConfig(
+        format=args.format,
+        bits=args.bits,
+        group_size=args.group_size,
+        double_quant=args.double_quant,
+        include=args.include,
+        exclude=args.exclude or [],
+        source_model=args.model,
+    )
+    out = Path(args.out)
+    ensure_writable(out, args.overwrite)  # fail before the slow steps
+    if args.eval:
+        load_text(args.corpus)
+    model, tokenizer = load_model(args.model)
+    before = _eval(model, tokenizer, args) if args.eval else None
+    float_bits = model_bits_per_weight(model)
+    start = time.perf_counter()
+    quantize(model, config)
+    seconds = time.perf_counter() - start
+    save(model, out, tokenizer, overwrite=args.overwrite)
+    after = _eval(model, tokenizer, args) if args.eval else None
+    report = storage_report(
+        model.config.quantization_config["layers"], {k: v.nbytes for k, v in model.state_dict().items()}
+    )
+    float_mb = report["weights"] * float_bits / 8 / 2**20
+    rows = [
+        ("", "float", config.base_format().describe()),
+        ("quantized layers", str(len(quant_layers(model))), ""),
+        ("bits per weight", f"{float_bits:.2f}", f"{report['bits_per_weight']:.3f}"),
+        ("their size (MiB)", f"{float_mb:.1f}", f"{report['bytes'] / 2**20:.1f}"),
+    ]
+    if before and after:
+        label = f"ppl {args.corpus} {args.windows}x{args.seq_len}"
+        rows.append((label, f"{before['ppl']:.2f}", f"{after['ppl']:.2f}"))
+    width = max(len(r[0]) for r in rows)
+    print(f"loquant quantize {args.model} -> {out}  ({seconds:.1f} s)")
+    for name, a, b in rows:
+        print(f"  {name:<{width}}  {a:>10}  {b:>12}")
+
+
+def cmd_eval(args) -> None:
+    load_text(args.corpus)  # a missing corpus fails before the model loads
+    model, tokenizer = load_model(args.model)
+    result = {"model": args.model, **_eval(model, tokenizer, args)}
+    if args.json:
+        _emit_json(result)
+    else:
+        print(
+            f"{args.model}: ppl {result['ppl']:.4f} on {args.corpus} "
+            f"({args.windows} x {args.seq_len} tokens, token level), "
+            f"{result['bits_per_weight']:.3f} bits per weight"
+        )
+
+
+def cmd_info(args) -> None:
+    path = Path(args.dir)
+    if not path.is_dir():
+        raise LoquantError(f"{path}: no such model folder")
+    qc = read_config(path)["quantization_config"]
+    nbytes = tensor_nbytes(path)
+    missing = [f"{n}.qweight" for n in qc["layers"] if f"{n}.qweight" not in nbytes]
+    if missing:
+        raise LoquantError(f"{path}: missing tensor {missing[0]}")
+    report = storage_report(qc["layers"], nbytes)
+    report["source_model"] = qc.get("source_model")
+    report["model_bytes"] = sum(nbytes.values())
+    if args.json:
+        _emit_json(report)
+        return
+    print(f"{path}  (source: {report['source_model']})")
+    print(f"  {'layer':<44} {'format':<12} {'rank':>4} {'bytes':>10} {'bits/w':>7}")
+    for r in report["layers"]:
+        bpw = r["bits_per_weight"]
+        print(f"  {r['name']:<44} {r['format']:<12} {r['rank']:>4} {r['bytes']:>10} {bpw:>7.3f}")
+    print(
+        f"  total: {len(report['layers'])} layers, {report['bytes']} bytes, "
+        f"{report['bits_per_weight']:.4f} bits per weight "
+        f"({report['base_bits_per_weight']:.4f} without corrections); "
+        f"all tensors {report['model_bytes']} bytes"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loquant", description="Low-bit LLM weights with 16-bit corrections."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model's linear layers and save it")
+    q.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL})")
+    q.add_argument("--format", default="int", help="int, int-sym or nf (default int)")
+    q.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (nf: 2-4; default 4)")
+    q.add_argument(
+        "--group-size", type=int, default=64, help="32, 64, 128, 256 or -1 per channel (default 64)"
+    )
+    q.add_argument("--double-quant", action="store_true", help="8-bit scales in blocks of 256 (QLoRA)")
+    q.add_argument(
+        "--include", nargs="+", metavar="PATTERN", help="quantize only layers matching these globs"
+    )
+    q.add_argument(
+        "--exclude", nargs="+", metavar="PATTERN", help="leave layers matching these globs in float"
+    )
+    q.add_argument("--out", required=True, help="output folder (written atomically)")
+    q.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    q.add_argument("--eval", action="store_true", help="measure perplexity before and after")
+    _add_eval_args(q)
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="perplexity over fixed non-overlapping windows")
+    e.add_argument("model", metavar="MODEL_OR_DIR")
+    _add_eval_args(e)
+    e.add_argument("--json", action="store_true", help="one JSON line on stdout")
+    e.set_defaults(func=cmd_eval)
+
+    i = sub.add_parser("info", help="formats, bytes and bits per weight of a saved model")
+    i.add_argument("dir")
+    i.add_argument("--json", action="store_true", help="one JSON line on stdout")
+    i.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except LoquantError as err:
+        print(f"loquant: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

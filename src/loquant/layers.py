@@ -1,0 +1,92 @@
+"""QuantLinear: a packed low-bit weight plus an optional 16-bit low-rank correction."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loquant.formats import WeightFormat, dequantize_weight, quantize_weight
+
+CORRECTION_DTYPE = torch.float16
+
+
+class QuantLinear(nn.Module):
+    """y = x · deq(W)ᵀ + (x · Aᵀ) · Bᵀ + bias, computed in the input's dtype.
+
+    The packed codes and per-group parameters are buffers (they are state, not trainable);
+    A (rank x in) and B (out x rank) are parameters. No float copy of W is kept: the
+    reference path dequantizes on every call, so memory holds only the packed form.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        fmt: WeightFormat,
+        *,
+        bias: bool = False,
+        rank: int = 0,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
+        self.buffer_names = tuple(fmt.layout(out_features, in_features))
+        for name, (shape, buf_dtype) in fmt.layout(out_features, in_features).items():
+            self.register_buffer(name, torch.zeros(shape, dtype=buf_dtype, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        self.A: nn.Parameter | None = None
+        self.B: nn.Parameter | None = None
+        self.set_correction(
+            torch.zeros(rank, in_features, device=device) if rank else None,
+            torch.zeros(out_features, rank, device=device) if rank else None,
+        )
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, fmt: WeightFormat) -> QuantLinear:
+        """Quantize a float (out x in) weight into a new layer on the weight's device."""
+        out_f, in_f = weight.shape
+        layer = cls(in_f, out_f, fmt, bias=bias is not None, dtype=weight.dtype, device=weight.device)
+        for name, tensor in quantize_weight(weight, fmt).items():
+            getattr(layer, name).copy_(tensor)
+        if bias is not None:
+            layer.bias.data.copy_(bias.detach())
+        return layer
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.A is None else self.A.shape[0]
+
+    def set_correction(self, A: torch.Tensor | None, B: torch.Tensor | None) -> None:
+        """Install W ≈ deq(W) + B·A, stored in 16 bits; None removes it."""
+        if A is None or B is None or A.shape[0] == 0:
+            self.A = self.B = None
+            return
+        if A.shape[1] != self.in_features or B.shape[0] != self.out_features or A.shape[0] != B.shape[1]:
+            raise ValueError(
+                f"correction shapes A {tuple(A.shape)}, B {tuple(B.shape)} do not fit "
+                f"a {self.out_features}x{self.in_features} layer"
+            )
+        self.A = nn.Parameter(A.detach().to(CORRECTION_DTYPE), requires_grad=False)
+        self.B = nn.Parameter(B.detach().to(CORRECTION_DTYPE), requires_grad=False)
+
+    def packed(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in self.buffer_names}
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """deq(W) without the correction, (out x in)."""
+        return dequantize_weight(self.packed(), self.fmt, (self.out_features, self.in_features), dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        y = F.linear(x, self.dequantize(x.dtype), bias)
+        if self.A is not None:
+            y = y + F.linear(F.linear(x, self.A.to(x.dtype)), self.B.to(x.dtype))
+        return y
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"format={self.fmt.describe()}, rank={self.rank}, bias={self.bias is not None}"
+        )

