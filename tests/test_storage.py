@@ -3,7 +3,7 @@ import pytest
 import loquant
 from loquant import QuantConfig, quantize
 from loquant.serialization import tensor_nbytes
-from loquant.storage import storage_report
+from loquant.storage import memory_bytes, storage_report
 
 from tiny_models import tiny_model
 
@@ -36,3 +36,15 @@ def test_folder_bytes_equal_the_reported_bytes(tmp_path):
     assert report["bits_per_weight"] > report["base_bits_per_weight"]  # the correction counts
     corr = 2 * 2 * (layer.in_features + layer.out_features)
     assert report["bytes"] - report["base_bytes"] == corr
+
+
+def test_no_hidden_float_copy_in_memory():
+    model = tiny_model("llama")
+    float_bytes = memory_bytes(model)
+    linear = sum(
+        m.weight.nbytes
+        for n, m in model.named_modules()
+        if n.startswith("model.layers.") and hasattr(m, "weight") and m.weight.ndim == 2
+    )
+    quantize(model, QuantConfig(format="int", bits=3, group_size=32), progress=False)
+    assert memory_bytes(model) == float_bytes - linear + report_of(model)["bytes"]

@@ -16,7 +16,7 @@ from loquant.evaluate import perplexity
 from loquant.model import QuantConfig, quant_layers, quantize
 from loquant.serialization import ensure_writable, read_config, save, tensor_nbytes
 from loquant.sources import load_model
-from loquant.storage import storage_report
+from loquant.storage import memory_bytes, storage_report
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -63,6 +63,7 @@ def _eval(model, tokenizer, args) -> dict:
         "seq_len": args.seq_len,
         "windows": args.windows,
         "bits_per_weight": model_bits_per_weight(model),
+        "memory_bytes": memory_bytes(model),
         "seconds": time.perf_counter() - start,
     }
 

@@ -45,3 +45,14 @@ def storage_report(layers: dict[str, dict], nbytes: dict[str, int]) -> dict:
         "bits_per_weight": 8 * total / weights if weights else 0.0,
         "base_bits_per_weight": 8 * base / weights if weights else 0.0,
     }
+
+
+def memory_bytes(module) -> int:
+    """Bytes of every tensor the module holds (parameters and buffers), shared storage once."""
+    seen, total = set(), 0
+    for t in [*module.parameters(), *module.buffers()]:
+        key = (t.device, t.untyped_storage().data_ptr())
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
