@@ -28,9 +28,7 @@ CONFIGS = [  # (label, quantize flags)
 
 
 def loquant(*args: str) -> dict:
-    out = subprocess.run(
-        [sys.executable, "-m", "loquant.cli", *args], check=True, capture_output=True, text=True
-    )
+    out = subprocess.run([sys.executable, "-m", "loquant.cli", *args], check=True, capture_output=True, text=True)
     return json.loads(out.stdout)
 
 
@@ -63,9 +61,7 @@ def main() -> None:
             check=True,
             capture_output=True,
         )
-        rows.append(
-            (label, loquant("eval", str(out), "--json", *protocol), loquant("info", str(out), "--json"))
-        )
+        rows.append((label, loquant("eval", str(out), "--json", *protocol), loquant("info", str(out), "--json")))
         print(f"done {label}", file=sys.stderr)
     print(
         f"{args.model}, sotu-test, {args.windows} x {args.seq_len}-token windows, token-level ppl; "

@@ -73,9 +73,7 @@ def test_quantize_writes_a_folder_and_a_summary(checkpoint, corpus, tmp_path, ca
         *EVAL,
     )
     assert code == 0
-    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {
-        p.name for p in (tmp_path / "m").iterdir()
-    }
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (tmp_path / "m").iterdir()}
     assert "bits per weight" in out and "NF3 ch" in out
     ppl_row = next(line for line in out.splitlines() if line.strip().startswith("ppl"))
     before, after = map(float, ppl_row.split()[-2:])
@@ -176,7 +174,68 @@ def test_existing_output_kept(checkpoint, tmp_path, capsys):
 
 
 def test_too_few_windows(quantized_dir, corpus, capsys):
-    code, _, err = run(
-        capsys, "eval", quantized_dir, "--corpus", corpus, "--seq-len", "512", "--windows", "1000"
-    )
+    code, _, err = run(capsys, "eval", quantized_dir, "--corpus", corpus, "--seq-len", "512", "--windows", "1000")
     assert code == 2 and "1000 asked" in err
+
+
+def test_quantize_with_correction_then_report(checkpoint, corpus, tmp_path, capsys):
+    out = tmp_path / "q"
+    code, text, _ = run(
+        capsys,
+        "quantize",
+        checkpoint,
+        "--bits",
+        "2",
+        "--group-size",
+        "32",
+        "--rank",
+        "4",
+        "--method",
+        "qera-exact",
+        "--calib",
+        corpus,
+        "--calib-samples",
+        "8",
+        "--calib-seq-len",
+        "32",
+        "--out",
+        out,
+    )
+    assert code == 0 and "qera-exact r4" in text
+    code, text, _ = run(capsys, "info", out, "--json")
+    info = one_json_line(text)
+    assert info["bits_per_weight"] > info["base_bits_per_weight"] == 3.0
+    png = tmp_path / "r.png"
+    code, text, err = run(
+        capsys, "report", out, "--out", png, "--calib", corpus, "--calib-samples", "4", "--calib-seq-len", "32"
+    )
+    assert code == 0, err
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = [line.split() for line in text.splitlines() if line.strip().startswith("model.layers.")]
+    assert len(rows) == 14
+    for row in rows:  # output error falls with the correction on held-out windows
+        assert float(row[4]) < float(row[3])
+    # the correction's own windows are refused as held-out data
+    code, _, err = run(capsys, "report", out, "--out", png, "--calib", corpus, "--seed", "0")
+    assert code == 2 and "seed 0" in err
+
+
+BAD_CORRECTION = {
+    "rank-too-large": (["--rank", "500", "--method", "svd"], "rank 500 exceeds"),
+    "short-calib": (["--rank", "4", "--method", "lqer", "--calib-samples", "10000"], "fewer than the 10000 x 512"),
+    "no-damping": (
+        ["--rank", "4", "--method", "qera-exact", "--damping", "0", "--calib-samples", "1", "--calib-seq-len", "40"],
+        "R is singular",
+    ),
+    "calib-is-test": (["--rank", "4", "--method", "lqer", "--eval", "--calib", "sotu-test"], "same text"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CORRECTION))
+def test_bad_correction_input(case, checkpoint, corpus, tmp_path, capsys):
+    flags, message = BAD_CORRECTION[case]
+    if "--calib" not in flags:
+        flags = [*flags, "--calib", corpus]
+    code, _, err = run(capsys, "quantize", checkpoint, *flags, "--out", tmp_path / "m")
+    assert code == 2 and message in err, err
+    assert not (tmp_path / "m").exists()

@@ -46,5 +46,5 @@ def test_calib_windows_are_seeded():
     )
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert torch.all(a[:, 1:] - a[:, :-1] == 1)  # contiguous text
-    with pytest.raises(LoquantError, match="shorter than one window"):
-        calib_windows(ids[:10], 16, 2)
+    with pytest.raises(LoquantError, match="fewer than the 2 x 16 asked"):
+        calib_windows(ids[:31], 16, 2)

@@ -64,3 +64,50 @@ def test_bad_config_rejected_before_touching_the_model():
         QuantConfig(overrides={"*": {"group_size": 0}})
     with pytest.raises(LoquantError, match="no linear layer"):
         quantize(tiny_model("llama"), QuantConfig(include=["nothing*"]), progress=False)
+    with pytest.raises(LoquantError, match="already quantized"):
+        quantize(quantize(tiny_model("llama"), progress=False), progress=False)
+
+
+CALIB = torch.randint(0, 128, (8, 24), generator=torch.Generator().manual_seed(0))
+
+
+def logit_error(arch, config):
+    ref_model = tiny_model(arch)
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = ref_model(input_ids=ids)[0]
+        model = quantize(ref_model, config, calib=CALIB, progress=False)
+        return ((model(input_ids=ids)[0] - ref).norm() / ref.norm()).item(), model
+
+
+@pytest.mark.parametrize("method", ["svd", "loftq", "lqer", "qera-approx", "qera-exact"])
+def test_corrections_reduce_the_logit_error(method):
+    base, _ = logit_error("llama", QuantConfig(bits=2, group_size=32))
+    err, model = logit_error("llama", QuantConfig(bits=2, group_size=32, method=method, rank=8))
+    assert err < base
+    assert all(layer.rank == 8 for layer in quant_layers(model).values())
+    recipe = model.config.quantization_config["recipe"]
+    assert recipe["method"] == method and recipe["rank"] == 8
+
+
+def test_sequential_and_fisher_run_generically():
+    err_seq, model = logit_error(
+        "gpt2", QuantConfig(bits=2, group_size=32, method="qera-exact", rank=4, sequential=True)
+    )
+    base, _ = logit_error("gpt2", QuantConfig(bits=2, group_size=32))
+    assert err_seq < base and model.loquant_timings["decomposition_s"] > 0
+    err_f, model = logit_error("llama", QuantConfig(bits=2, group_size=32, method="lqlora", rank=4, fisher=True))
+    assert model.config.quantization_config["recipe"]["fisher"] and model.loquant_timings["fisher_s"] > 0
+
+
+def test_correction_input_errors():
+    with pytest.raises(LoquantError, match="needs calibration"):
+        quantize(tiny_model("llama"), QuantConfig(method="qera-exact", rank=4), progress=False)
+    model = tiny_model("llama")
+    with pytest.raises(LoquantError, match=r"k_proj: rank 60 exceeds"):
+        quantize(model, QuantConfig(method="svd", rank=60), progress=False)
+    assert not quant_layers(model)
+    with pytest.raises(LoquantError, match="lqlora method only"):
+        QuantConfig(method="svd", rank=4, fisher=True)
+    with pytest.raises(LoquantError, match="unknown method"):
+        QuantConfig(method="gptq")

@@ -54,9 +54,7 @@ def test_int4_g64_size_on_disk_and_exact_reload(smollm2, tmp_path, capsys):
 
 
 def test_short_last_group_on_576_wide_layers(smollm2):
-    model = quantized(
-        smollm2, format="int", bits=3, group_size=128, include=["model.layers.0.self_attn.q_proj"]
-    )
+    model = quantized(smollm2, format="int", bits=3, group_size=128, include=["model.layers.0.self_attn.q_proj"])
     layer = model.model.layers[0].self_attn.q_proj
     assert layer.scales.shape == (576, 5)  # 4 groups of 128 and one of 64
     w = smollm2[0].model.layers[0].self_attn.q_proj.weight

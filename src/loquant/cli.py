@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from loquant.data import eval_windows, load_text, tokenize
+from loquant.corrections import METHODS
+from loquant.data import calib_windows, eval_windows, load_text, tokenize
 from loquant.errors import LoquantError
 from loquant.evaluate import perplexity
 from loquant.model import QuantConfig, quant_layers, quantize
@@ -76,17 +77,36 @@ def cmd_quantize(args) -> None:
         double_quant=args.double_quant,
         include=args.include,
         exclude=args.exclude or [],
+        method=args.method,
+        rank=args.rank,
+        iters=args.iters,
+        fisher=args.fisher,
+        damping=args.damping,
+        sequential=args.sequential,
         source_model=args.model,
+        calibration={
+            "corpus": args.calib,
+            "samples": args.calib_samples,
+            "seq_len": args.calib_seq_len,
+            "seed": args.seed,
+        },
     )
     out = Path(args.out)
     ensure_writable(out, args.overwrite)  # fail before the slow steps
     if args.eval:
         load_text(args.corpus)
+        if config.needs_calibration and args.calib == args.corpus:
+            raise LoquantError(f"calibrating and evaluating on the same text ({args.corpus}) is not a measurement")
+    calib_text = load_text(args.calib) if config.needs_calibration else None
     model, tokenizer = load_model(args.model)
+    calib = None
+    if calib_text is not None:
+        ids = tokenize(tokenizer, calib_text)
+        calib = calib_windows(ids, args.calib_seq_len, args.calib_samples, args.seed)
     before = _eval(model, tokenizer, args) if args.eval else None
     float_bits = model_bits_per_weight(model)
     start = time.perf_counter()
-    quantize(model, config)
+    quantize(model, config, calib=calib)
     seconds = time.perf_counter() - start
     save(model, out, tokenizer, overwrite=args.overwrite)
     after = _eval(model, tokenizer, args) if args.eval else None
@@ -100,6 +120,12 @@ def cmd_quantize(args) -> None:
         ("bits per weight", f"{float_bits:.2f}", f"{report['bits_per_weight']:.3f}"),
         ("their size (MiB)", f"{float_mb:.1f}", f"{report['bytes'] / 2**20:.1f}"),
     ]
+    if config.corrects:
+        t = model.loquant_timings
+        rows.append(("correction", "", f"{config.method} r{config.rank}"))
+        rows.append(
+            ("seconds: calib / decomp", "", f"{t['calibration_s'] + t['fisher_s']:.1f} / {t['decomposition_s']:.1f}")
+        )
     if before and after:
         label = f"ppl {args.corpus} {args.windows}x{args.seq_len}"
         rows.append((label, f"{before['ppl']:.2f}", f"{after['ppl']:.2f}"))
@@ -151,26 +177,76 @@ def cmd_info(args) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="loquant", description="Low-bit LLM weights with 16-bit corrections."
+def cmd_report(args) -> None:
+    from loquant import report
+    from loquant.calibration import collect
+    from loquant.model import linear_weight
+
+    path = Path(args.dir)
+    if not path.is_dir():
+        raise LoquantError(f"{path}: no such model folder")
+    qc = read_config(path)["quantization_config"]
+    recorded = (qc.get("recipe") or {}).get("calibration") or {}
+    if recorded.get("corpus") == args.calib and recorded.get("seed") == args.seed:
+        raise LoquantError(f"seed {args.seed} drew the correction's own calibration windows: pick another --seed")
+    if not str(args.out).lower().endswith(".png"):
+        raise LoquantError(f"--out must name a .png file, got {args.out}")
+    text = load_text(args.calib)
+    quant_model, tokenizer = load_model(str(path))
+    source = qc.get("source_model")
+    if not source:
+        raise LoquantError(f"{path}: no source_model recorded, cannot reload the float weights")
+    float_model, _ = load_model(source)
+    windows = calib_windows(tokenize(tokenizer, text), args.calib_seq_len, args.calib_samples, args.seed)
+    layers = {n: m for n, m in float_model.named_modules() if n in qc["layers"] and linear_weight(m) is not None}
+    stats = collect(float_model, windows, layers)
+    rows = report.layer_errors(float_model, quant_model, stats, tensor_nbytes(path))
+    recipe = qc.get("recipe") or {}
+    total = storage_report(qc["layers"], tensor_nbytes(path))
+    formats = sorted({r["format"] for r in total["layers"]})
+    title = (
+        f"{path.name}: {'/'.join(formats)}, {recipe.get('method', 'none')} rank {recipe.get('rank', 0)}, "
+        f"{total['bits_per_weight']:.3f} bits/weight; output error on {args.calib_samples} x "
+        f"{args.calib_seq_len} held-out {args.calib} tokens (seed {args.seed})"
     )
+    report.plot(rows, args.out, title)
+    print(title)
+    print(f"  {'layer':<44} {'w err':>8} {'w err+C':>8} {'out err':>8} {'out+C':>8} {'bits/w':>7}")
+    for r in rows:
+        print(
+            f"  {r['name']:<44} {r['weight_error']:>8.4f} {r['weight_error_corrected']:>8.4f} "
+            f"{r['output_error']:>8.4f} {r['output_error_corrected']:>8.4f} {r['bits_per_weight']:>7.3f}"
+        )
+    mean = lambda k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
+    print(
+        f"  {'mean':<44} {mean('weight_error'):>8.4f} {mean('weight_error_corrected'):>8.4f} "
+        f"{mean('output_error'):>8.4f} {mean('output_error_corrected'):>8.4f} {total['bits_per_weight']:>7.3f}"
+    )
+    print(f"wrote {args.out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loquant", description="Low-bit LLM weights with 16-bit corrections.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quantize", help="quantize a model's linear layers and save it")
     q.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL})")
     q.add_argument("--format", default="int", help="int, int-sym or nf (default int)")
     q.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (nf: 2-4; default 4)")
-    q.add_argument(
-        "--group-size", type=int, default=64, help="32, 64, 128, 256 or -1 per channel (default 64)"
-    )
+    q.add_argument("--group-size", type=int, default=64, help="32, 64, 128, 256 or -1 per channel (default 64)")
     q.add_argument("--double-quant", action="store_true", help="8-bit scales in blocks of 256 (QLoRA)")
-    q.add_argument(
-        "--include", nargs="+", metavar="PATTERN", help="quantize only layers matching these globs"
-    )
-    q.add_argument(
-        "--exclude", nargs="+", metavar="PATTERN", help="leave layers matching these globs in float"
-    )
+    q.add_argument("--rank", type=int, default=0, help="rank of the 16-bit correction (0 = none)")
+    q.add_argument("--method", default="svd", choices=METHODS, help="how the correction is computed (default svd)")
+    q.add_argument("--iters", type=int, help="loftq iterations (default 5); lqlora's cap (default 20)")
+    q.add_argument("--fisher", action="store_true", help="lqlora: weight the error by the diagonal Fisher")
+    q.add_argument("--damping", type=float, default=1e-8, help="clamp R's eigenvalues at this x the largest")
+    q.add_argument("--sequential", action="store_true", help="calibrate each block on quantized predecessors")
+    q.add_argument("--calib", default="sotu-calib", help="calibration text: sotu-calib or a file")
+    q.add_argument("--calib-samples", type=int, default=64, help="calibration windows (default 64)")
+    q.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the calibration window offsets (default 0)")
+    q.add_argument("--include", nargs="+", metavar="PATTERN", help="quantize only layers matching these globs")
+    q.add_argument("--exclude", nargs="+", metavar="PATTERN", help="leave layers matching these globs in float")
     q.add_argument("--out", required=True, help="output folder (written atomically)")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     q.add_argument("--eval", action="store_true", help="measure perplexity before and after")
@@ -187,6 +263,15 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("dir")
     i.add_argument("--json", action="store_true", help="one JSON line on stdout")
     i.set_defaults(func=cmd_info)
+
+    r = sub.add_parser("report", help="per-layer weight and output errors, before and after the correction")
+    r.add_argument("dir")
+    r.add_argument("--out", required=True, help="PNG file to write")
+    r.add_argument("--calib", default="sotu-calib", help="text for the held-out statistics (default sotu-calib)")
+    r.add_argument("--calib-samples", type=int, default=16, help="held-out windows (default 16)")
+    r.add_argument("--calib-seq-len", type=int, default=512, help="tokens per window (default 512)")
+    r.add_argument("--seed", type=int, default=1, help="window seed, not the correction's own (default 1)")
+    r.set_defaults(func=cmd_report)
     return parser
 
 

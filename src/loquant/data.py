@@ -50,18 +50,16 @@ def eval_windows(ids: torch.Tensor, seq_len: int, windows: int) -> torch.Tensor:
         raise LoquantError(f"need seq_len >= 2 and windows >= 1, got {seq_len} and {windows}")
     available = ids.numel() // seq_len
     if available < windows:
-        raise LoquantError(
-            f"the text has {ids.numel()} tokens: {available} windows of {seq_len}, {windows} asked"
-        )
+        raise LoquantError(f"the text has {ids.numel()} tokens: {available} windows of {seq_len}, {windows} asked")
     return ids[: windows * seq_len].view(windows, seq_len)
 
 
 def calib_windows(ids: torch.Tensor, seq_len: int, samples: int, seed: int = 0) -> torch.Tensor:
     """`samples` windows of `seq_len` tokens at seeded random start offsets."""
-    if ids.numel() < seq_len:
-        raise LoquantError(
-            f"the calibration text has {ids.numel()} tokens, shorter than one window of {seq_len}"
-        )
+    if samples < 1 or seq_len < 2:
+        raise LoquantError(f"need at least 1 calibration window of 2 or more tokens, got {samples} x {seq_len}")
+    if ids.numel() < samples * seq_len:
+        raise LoquantError(f"the calibration text has {ids.numel()} tokens, fewer than the {samples} x {seq_len} asked")
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seq_len + 1, (samples,), generator=gen)
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])

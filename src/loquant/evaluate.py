@@ -11,9 +11,7 @@ from tqdm.auto import tqdm
 
 
 @torch.inference_mode()
-def perplexity(
-    model: nn.Module, windows: torch.Tensor, *, batch_size: int = 4, progress: bool = True
-) -> dict:
+def perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 4, progress: bool = True) -> dict:
     """exp of the mean next-token NLL over every scored token of every window.
 
     Each window of L tokens is an independent sequence scoring L - 1 predictions; `tokens` is

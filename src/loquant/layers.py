@@ -46,9 +46,20 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, fmt: WeightFormat) -> QuantLinear:
         """Quantize a float (out x in) weight into a new layer on the weight's device."""
-        out_f, in_f = weight.shape
-        layer = cls(in_f, out_f, fmt, bias=bias is not None, dtype=weight.dtype, device=weight.device)
-        for name, tensor in quantize_weight(weight, fmt).items():
+        return cls.from_tensors(quantize_weight(weight, fmt), fmt, tuple(weight.shape), bias, weight.dtype)
+
+    @classmethod
+    def from_tensors(
+        cls,
+        tensors: dict[str, torch.Tensor],
+        fmt: WeightFormat,
+        shape: tuple[int, int],
+        bias: torch.Tensor | None,
+        dtype: torch.dtype,
+    ) -> QuantLinear:
+        """A layer holding already quantized tensors (named as in WeightFormat.layout)."""
+        layer = cls(shape[1], shape[0], fmt, bias=bias is not None, dtype=dtype, device=tensors["qweight"].device)
+        for name, tensor in tensors.items():
             getattr(layer, name).copy_(tensor)
         if bias is not None:
             layer.bias.data.copy_(bias.detach())

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import fnmatch
+import time
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from loquant.calibration import Calibration, block_list, collect, fisher_diagonal, run_sequential
+from loquant.corrections import DEFAULT_ITERS, METHODS, NEEDS_STATS, correct
 from loquant.errors import LoquantError
 from loquant.formats import WeightFormat
 from loquant.layers import QuantLinear
@@ -26,11 +29,17 @@ except ImportError:  # pragma: no cover - transformers is a hard dependency
 class QuantConfig:
     """What `quantize` does to a model.
 
-    The default targets every linear layer inside the model's repeated blocks (a module path
+    Targets: by default every linear layer inside the model's repeated blocks (a module path
     with a numeric index, e.g. `model.layers.3.mlp.up_proj`), which leaves embeddings, the
     output head and poolers in float. `include` / `exclude` are glob patterns on module names;
     `overrides` maps a pattern to format fields (later patterns win), e.g.
     `{"*.down_proj": {"bits": 8}}`.
+
+    Correction: `method` (see loquant.corrections.METHODS) at `rank` (0 = none); `iters` for
+    loftq (default 5) and as lqlora's cap (default 20); `fisher` weights lqlora by the
+    diagonal Fisher; `damping` clamps R's eigenvalues at that fraction of the largest;
+    `sequential` calibrates each block on the outputs of the already quantized blocks.
+    `calibration` is a free-form record of the calibration data, saved with the model.
     """
 
     format: str = "int"
@@ -40,12 +49,37 @@ class QuantConfig:
     include: list[str] | None = None
     exclude: list[str] = field(default_factory=list)
     overrides: dict[str, dict] = field(default_factory=dict)
+    method: str = "none"
+    rank: int = 0
+    iters: int | None = None
+    fisher: bool = False
+    damping: float = 1e-8
+    sequential: bool = False
     source_model: str | None = None
+    calibration: dict | None = None
 
     def __post_init__(self) -> None:
         self.base_format()  # validate early, before any layer is touched
         for pattern in self.overrides:
             self.format_for(pattern)
+        if self.method not in METHODS:
+            raise LoquantError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+        if self.rank < 0:
+            raise LoquantError(f"rank must be 0 or more, got {self.rank}")
+        if self.fisher and self.method != "lqlora":
+            raise LoquantError("--fisher weights the lqlora method only")
+        if self.iters is not None and (self.method not in DEFAULT_ITERS or self.iters < 1):
+            raise LoquantError("--iters takes a positive count, for loftq or lqlora")
+        if not self.damping >= 0:
+            raise LoquantError(f"damping must be 0 or more, got {self.damping}")
+
+    @property
+    def corrects(self) -> bool:
+        return self.rank > 0 and self.method != "none"
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.corrects and (self.method in NEEDS_STATS or self.fisher)
 
     def base_format(self) -> WeightFormat:
         return WeightFormat(self.format, self.bits, self.group_size, self.double_quant)
@@ -63,6 +97,18 @@ class QuantConfig:
         else:
             chosen = any(fnmatch.fnmatchcase(name, p) for p in self.include)
         return chosen and not any(fnmatch.fnmatchcase(name, p) for p in self.exclude)
+
+    def record(self) -> dict:
+        """What the saved config says about how the model was made."""
+        return {
+            "method": self.method if self.corrects else "none",
+            "rank": self.rank if self.corrects else 0,
+            "iters": self.iters or DEFAULT_ITERS.get(self.method) if self.corrects else None,
+            "fisher": self.fisher,
+            "damping": self.damping,
+            "sequential": self.sequential,
+            "calibration": self.calibration if self.needs_calibration else None,
+        }
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor | None:
@@ -88,7 +134,7 @@ def layer_record(layer: QuantLinear) -> dict:
     }
 
 
-def update_quantization_config(model: nn.Module, source_model: str | None = None) -> dict:
+def update_quantization_config(model: nn.Module, source_model: str | None = None, recipe: dict | None = None) -> dict:
     """Record every QuantLinear's format in model.config.quantization_config."""
     previous = getattr(model.config, "quantization_config", None)
     previous = previous if isinstance(previous, dict) and previous.get("quant_method") == QUANT_METHOD else {}
@@ -96,6 +142,7 @@ def update_quantization_config(model: nn.Module, source_model: str | None = None
         "quant_method": QUANT_METHOD,
         "format_version": FORMAT_VERSION,
         "source_model": source_model or previous.get("source_model"),
+        "recipe": recipe or previous.get("recipe"),
         "layers": {name: layer_record(m) for name, m in sorted(quant_layers(model).items())},
     }
     model.config.quantization_config = qc
@@ -106,13 +153,89 @@ def source_name(model: nn.Module) -> str | None:
     return getattr(model, "loquant_source", None) or getattr(model, "name_or_path", None) or None
 
 
-def quantize(model: nn.Module, config: QuantConfig | None = None, *, progress: bool = True) -> nn.Module:
+def quantize(
+    model: nn.Module,
+    config: QuantConfig | None = None,
+    *,
+    calib: torch.Tensor | None = None,
+    stats: Calibration | None = None,
+    progress: bool = True,
+) -> nn.Module:
     """Replace the targeted linear layers of `model` in place by QuantLinear; returns it.
 
-    Every target is quantized before any is swapped in, so a bad weight leaves the model as it
-    was.
+    calib: calibration windows (n x seq_len token ids), needed by the data-aware methods.
+    stats: input statistics already gathered from this model's float layers with
+      `loquant.calibration.collect` (sweeps reuse them across configs); not with `sequential`.
+    Every target is checked first, and without `sequential` every layer is built before any
+    is swapped in, so bad input leaves the model as it was. Seconds spent per phase are left
+    in `model.loquant_timings`.
     """
     config = config or QuantConfig()
+    targets = _targets(model, config)
+    if stats is not None and config.sequential:
+        raise LoquantError("sequential calibration gathers its own statistics: pass calib, not stats")
+    if config.needs_calibration and calib is None and (stats is None or config.fisher):
+        raise LoquantError(f"method {config.method} needs calibration windows (calib=...)")
+    timings = {"calibration_s": 0.0, "fisher_s": 0.0, "decomposition_s": 0.0}
+    modules = {name: module for name, module, _, _ in targets}
+    fisher = None
+    if config.corrects and config.fisher:
+        start = time.perf_counter()
+        params = {n: m.weight for n, m in modules.items()}
+        fisher = fisher_diagonal(model, calib, params, progress=progress)
+        fisher = {n: f.t() if isinstance(modules[n], Conv1D) else f for n, f in fisher.items()}  # to (out x in)
+        timings["fisher_s"] = time.perf_counter() - start
+
+    def build(chosen, stats, bar) -> list[tuple[str, QuantLinear]]:
+        built = []
+        for name, module, weight, fmt in chosen:
+            start = time.perf_counter()
+            try:
+                result = correct(
+                    weight,
+                    fmt,
+                    config.method,
+                    config.rank,
+                    stats=stats[name] if stats is not None and name in stats else None,
+                    fisher=fisher[name] if fisher else None,
+                    iters=config.iters,
+                    damping=config.damping,
+                )
+            except LoquantError as err:
+                raise LoquantError(f"layer {name}: {err}") from None
+            layer = QuantLinear.from_tensors(result.tensors, fmt, tuple(weight.shape), module.bias, weight.dtype)
+            layer.set_correction(result.A, result.B)
+            built.append((name, layer))
+            timings["decomposition_s"] += time.perf_counter() - start
+            bar.update()
+        return built
+
+    needs_stats = config.corrects and config.method in NEEDS_STATS
+    with tqdm(total=len(targets), desc="quantize", disable=not progress, unit="layer") as bar:
+        if needs_stats and config.sequential:
+
+            def process_block(i, block_stats):
+                prefix = f"{block_prefix}.{i}."
+                for name, layer in build([t for t in targets if t[0].startswith(prefix)], block_stats, bar):
+                    model.set_submodule(name, layer)
+
+            start = time.perf_counter()
+            block_prefix = block_list(model, list(modules))[0]
+            run_sequential(model, calib, modules, process_block, progress=False)
+            timings["calibration_s"] = time.perf_counter() - start - timings["decomposition_s"]
+        else:
+            if needs_stats and stats is None:
+                start = time.perf_counter()
+                stats = collect(model, calib, modules, progress=progress)
+                timings["calibration_s"] = time.perf_counter() - start
+            for name, layer in build(targets, stats, bar):
+                model.set_submodule(name, layer)
+    update_quantization_config(model, config.source_model or source_name(model), config.record())
+    model.loquant_timings = timings
+    return model
+
+
+def _targets(model: nn.Module, config: QuantConfig) -> list[tuple[str, nn.Module, torch.Tensor, WeightFormat]]:
     targets = []
     for name, module in model.named_modules():
         weight = linear_weight(module)
@@ -120,16 +243,11 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, progress: b
             continue
         if not torch.isfinite(weight).all():
             raise LoquantError(f"layer {name}: weight contains NaN or Inf")
-        targets.append((name, module, weight, config.format_for(name)))
+        if config.corrects and config.rank > min(weight.shape):
+            raise LoquantError(f"layer {name}: rank {config.rank} exceeds min(out, in) = {min(weight.shape)}")
+        targets.append((name, module, weight.detach(), config.format_for(name)))
     if not targets:
+        if quant_layers(model):
+            raise LoquantError("the model is already quantized: start from its float source")
         raise LoquantError("no linear layer matched: check include/exclude patterns")
-    replacements = []
-    for name, module, weight, fmt in tqdm(targets, desc="quantize", disable=not progress, unit="layer"):
-        try:
-            replacements.append((name, QuantLinear.from_weight(weight.detach(), module.bias, fmt)))
-        except LoquantError as err:
-            raise LoquantError(f"layer {name}: {err}") from None
-    for name, layer in replacements:
-        model.set_submodule(name, layer)
-    update_quantization_config(model, config.source_model or source_name(model))
-    return model
+    return targets

@@ -141,9 +141,7 @@ def read_header(file: Path) -> tuple[dict, dict]:
     for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][1]):
         end = entry["data_offsets"][1]
         if end > data_size:
-            raise LoquantError(
-                f"{file}: truncated: tensor {name} ends at data byte {end}, the file holds {data_size}"
-            )
+            raise LoquantError(f"{file}: truncated: tensor {name} ends at data byte {end}, the file holds {data_size}")
     return header, metadata
 
 

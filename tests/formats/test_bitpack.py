@@ -8,9 +8,7 @@ from loquant.formats import pack, packed_nbytes, unpack
 @pytest.mark.parametrize("bits", range(1, 9))
 @pytest.mark.parametrize("numel", [0, 1, 7, 8, 9, 63, 1001, 4096])
 def test_round_trip_every_width_and_odd_sizes(bits, numel):
-    codes = torch.randint(
-        0, 1 << bits, (numel,), generator=torch.Generator().manual_seed(numel), dtype=torch.int64
-    )
+    codes = torch.randint(0, 1 << bits, (numel,), generator=torch.Generator().manual_seed(numel), dtype=torch.int64)
     packed = pack(codes.to(torch.uint8), bits)
     assert packed.dtype == torch.uint8
     assert packed.numel() == packed_nbytes(numel, bits)

@@ -38,9 +38,7 @@ def unpack(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     """Inverse of `pack`: the first `numel` codes as a flat uint8 tensor."""
     expected = packed_nbytes(numel, bits)
     if packed.numel() != expected:
-        raise LoquantError(
-            f"packed tensor has {packed.numel()} bytes, {numel} {bits}-bit codes need {expected}"
-        )
+        raise LoquantError(f"packed tensor has {packed.numel()} bytes, {numel} {bits}-bit codes need {expected}")
     if bits == 8:
         return packed.reshape(-1)
     mask = (1 << bits) - 1

@@ -52,8 +52,7 @@ def group_params(tensors: dict[str, torch.Tensor], fmt: WeightFormat) -> dict[st
     """The per-group parameters as stored (after fp16 or double-quant rounding), float32."""
     if fmt.double_quant:
         return {
-            n: dq_dequantize(tensors[f"{n}_q"], tensors[f"{n}_absmax"], tensors[f"{n}_mean"])
-            for n in fmt.param_names
+            n: dq_dequantize(tensors[f"{n}_q"], tensors[f"{n}_absmax"], tensors[f"{n}_mean"]) for n in fmt.param_names
         }
     return {n: tensors[n].float() for n in fmt.param_names}
 

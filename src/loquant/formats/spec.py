@@ -37,9 +37,7 @@ class WeightFormat:
             raise LoquantError(f"unsupported format {self.format!r}: choose one of {', '.join(FORMAT_BITS)}")
         if isinstance(self.bits, bool) or self.bits not in FORMAT_BITS[self.format]:
             allowed = ", ".join(map(str, FORMAT_BITS[self.format]))
-            raise LoquantError(
-                f"unsupported bit width {self.bits} for format {self.format!r}: choose {allowed}"
-            )
+            raise LoquantError(f"unsupported bit width {self.bits} for format {self.format!r}: choose {allowed}")
         if (
             isinstance(self.group_size, bool)
             or not isinstance(self.group_size, int)
