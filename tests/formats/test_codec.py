@@ -178,7 +178,7 @@ def test_cuda_matches_cpu(fmt_name, bits, dq):
             diff = (gpu[name].cpu().int() - cpu[name].int()).abs()
             assert diff.max() <= 1 and diff.float().mean() < 1e-2
         else:
-            assert torch.allclose(gpu[name].cpu().float(), cpu[name].float(), rtol=1e-6, atol=1e-7)
+            assert torch.allclose(gpu[name].cpu().float(), cpu[name].float(), rtol=1e-5, atol=1e-7)
     d_cpu = dequantize_weight(cpu, fmt, (256, 576))
     d_gpu = dequantize_weight(gpu, fmt, (256, 576))
     assert ((d_gpu.cpu() - d_cpu).norm() / d_cpu.norm()) < 1e-3
