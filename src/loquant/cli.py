@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--double-quant", action="store_true", help="8-bit scales in blocks of 256 (QLoRA)")
     q.add_argument("--rank", type=int, default=0, help="rank of the 16-bit correction (0 = none)")
     q.add_argument("--method", default="svd", choices=METHODS, help="how the correction is computed (default svd)")
-    q.add_argument("--iters", type=int, help="loftq iterations (default 5); lqlora's cap (default 20)")
+    q.add_argument("--iters", type=int, help="loftq: iterations (5); lqlora, lqer, qera-*: alternation cap (20; 1)")
     q.add_argument("--fisher", action="store_true", help="lqlora: weight the error by the diagonal Fisher")
     q.add_argument("--damping", type=float, default=1e-8, help="clamp R's eigenvalues at this x the largest")
     q.add_argument("--sequential", action="store_true", help="calibrate each block on quantized predecessors")

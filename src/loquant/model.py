@@ -69,7 +69,7 @@ class QuantConfig:
         if self.fisher and self.method != "lqlora":
             raise LoquantError("--fisher weights the lqlora method only")
         if self.iters is not None and (self.method not in DEFAULT_ITERS or self.iters < 1):
-            raise LoquantError("--iters takes a positive count, for loftq or lqlora")
+            raise LoquantError("--iters takes a positive count, for loftq, lqlora, lqer or qera-*")
         if not self.damping >= 0:
             raise LoquantError(f"damping must be 0 or more, got {self.damping}")
 

@@ -131,3 +131,12 @@ def test_bad_input(layer):
     with pytest.raises(LoquantError, match="50 calibration tokens"):
         correct(W, FMT, "qera-exact", 4, stats=few, damping=0.0)
     assert correct(W, FMT, "qera-exact", 4, stats=few).A is not None  # damping makes it well posed
+
+
+@pytest.mark.parametrize("method", ["lqer", "qera-approx", "qera-exact"])
+def test_alternation_never_raises_the_output_error(layer, method):
+    W, stats = layer
+    once = correct(W, FMT, method, RANK, stats=stats)
+    alt = correct(W, FMT, method, RANK, stats=stats, iters=10)
+    assert once.iterations == 1 and 1 <= alt.iterations <= 10
+    assert output_error(W, alt, stats.R) <= output_error(W, once, stats.R)

@@ -18,7 +18,9 @@ from loquant.formats import WeightFormat, dequantize_weight, quantize_weight
 
 METHODS = ("none", "svd", "loftq", "lqlora", "lqer", "qera-approx", "qera-exact")
 NEEDS_STATS = ("lqer", "qera-approx", "qera-exact")
-DEFAULT_ITERS = {"loftq": 5, "lqlora": 20}  # lqlora: a cap; it stops when the error rises
+# loftq runs exactly T; lqlora and the activation-aware methods alternate up to T and keep the
+# best iterate (by weight error, resp. output error tr(D R Dᵀ)); 1 = quantize once, correct once.
+DEFAULT_ITERS = {"loftq": 5, "lqlora": 20, "lqer": 1, "qera-approx": 1, "qera-exact": 1}
 
 
 @dataclass
@@ -95,30 +97,53 @@ def correct(
     W = W.detach().double()
     if method == "none" or rank == 0:
         return Corrected(quantizer(W, fmt), None, None)
+    iters = iters or DEFAULT_ITERS.get(method, 1)
+    if iters < 1:
+        raise LoquantError(f"--iters must be at least 1, got {iters}")
     if method in ("loftq", "lqlora"):
-        result = _alternate(W, fmt, method, rank, fisher, iters or DEFAULT_ITERS[method], quantizer)
+        result = _alternate(W, fmt, method, rank, fisher, iters, quantizer)
+    elif method in NEEDS_STATS:
+        result = _alternate_activation(W, fmt, method, rank, stats, iters, damping, quantizer)
     else:
         tensors, Q = _qdq(W, fmt, quantizer)
-        E = W - Q
-        if method == "svd":
-            B, A = svd_r(E, rank)
-        elif method == "lqer":
-            B, A = _scaled(E, stats.mean_abs.to(E.device), rank)
-        elif method == "qera-approx":
-            B, A = _scaled(E, stats.mean_sq.to(E.device).sqrt(), rank)
-        else:
-            B, A = _qera_exact(E, stats, rank, damping)
+        B, A = svd_r(W - Q, rank)
         result = Corrected(tensors, B, A)
     result.B, result.A = balance(result.B, result.A)
     check_fp16(result.B, result.A)
     return result
 
 
+def _activation_aware(E, method, stats, rank, damping) -> tuple[torch.Tensor, torch.Tensor]:
+    if method == "lqer":
+        return _scaled(E, stats.mean_abs.to(E.device), rank)
+    if method == "qera-approx":
+        return _scaled(E, stats.mean_sq.to(E.device).sqrt(), rank)
+    return _qera_exact(E, stats, rank, damping)
+
+
+def _alternate_activation(W, fmt, method, rank, stats, iters, damping, quantizer) -> Corrected:
+    """Q_t = Q(W - C_{t-1}), C_t = method(W - Q_t), keeping the iterate of least output error
+    tr(D R Dᵀ), D = W - Q_t - C_t; stops when it rises. iters = 1 is the published method."""
+    R = stats.R.to(W.device) if iters > 1 else None
+    C = torch.zeros_like(W)
+    best = None
+    for t in range(1, iters + 1):
+        tensors, Q = _qdq(W - C, fmt, quantizer)
+        B, A = _activation_aware(W - Q, method, stats, rank, damping)
+        if iters == 1:
+            return Corrected(tensors, B, A)
+        C = B @ A
+        D = W - Q - C
+        err = ((D @ R) * D).sum().item()
+        if best is not None and err >= best[0]:
+            break
+        best = (err, Corrected(tensors, B, A, iterations=t))
+    return best[1]
+
+
 def _alternate(W, fmt, method, rank, fisher, iters, quantizer) -> Corrected:
     """LoftQ (fixed T) and LQ-LoRA (until the error rises; the best iterate is kept):
     Q_t = Q(W - C_{t-1}), C_t = SVD_r(W - Q_t), optionally Fisher-weighted."""
-    if iters < 1:
-        raise LoquantError(f"--iters must be at least 1, got {iters}")
     rows, cols = _fisher_weights(fisher.to(W.device)) if fisher is not None else (None, None)
     C = torch.zeros_like(W)
     best = None
