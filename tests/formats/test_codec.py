@@ -172,8 +172,8 @@ def test_cuda_matches_cpu(fmt_name, bits, dq):
     cpu, gpu = quantize_weight(w, fmt), quantize_weight(w.cuda(), fmt)
     for name in cpu:
         assert gpu[name].is_cuda
-        if name == "qweight":  # a code may flip on an exact tie; packed bytes must agree nearly everywhere
-            assert (gpu[name].cpu() != cpu[name]).float().mean() < 1e-3
+        if name == "qweight":  # a code may flip on an exact tie (with dq: a whole group, if its int8 parameter did)
+            assert (gpu[name].cpu() != cpu[name]).float().mean() < (1e-2 if dq else 1e-3)
         elif name.endswith("_q"):  # int8 parameters: the GPU's mean may differ in the last bit
             diff = (gpu[name].cpu().int() - cpu[name].int()).abs()
             assert diff.max() <= 1 and diff.float().mean() < 1e-2
