@@ -149,15 +149,17 @@ def cmd_eval(args) -> None:
         )
 
 
-def cmd_info(args) -> None:
-    path = Path(args.dir)
+def _saved(folder: str) -> tuple[Path, dict]:
+    """A folder written by `loquant quantize` and its quantization_config."""
+    path = Path(folder)
     if not path.is_dir():
         raise LoquantError(f"{path}: no such model folder")
-    qc = read_config(path)["quantization_config"]
+    return path, read_config(path)["quantization_config"]
+
+
+def cmd_info(args) -> None:
+    path, qc = _saved(args.dir)
     nbytes = tensor_nbytes(path)
-    missing = [f"{n}.qweight" for n in qc["layers"] if f"{n}.qweight" not in nbytes]
-    if missing:
-        raise LoquantError(f"{path}: missing tensor {missing[0]}")
     report = storage_report(qc["layers"], nbytes)
     report["source_model"] = qc.get("source_model")
     report["model_bytes"] = sum(nbytes.values())
@@ -182,10 +184,7 @@ def cmd_report(args) -> None:
     from loquant.calibration import collect
     from loquant.model import linear_weight
 
-    path = Path(args.dir)
-    if not path.is_dir():
-        raise LoquantError(f"{path}: no such model folder")
-    qc = read_config(path)["quantization_config"]
+    path, qc = _saved(args.dir)
     recorded = (qc.get("recipe") or {}).get("calibration") or {}
     if recorded.get("corpus") == args.calib and recorded.get("seed") == args.seed:
         raise LoquantError(f"seed {args.seed} drew the correction's own calibration windows: pick another --seed")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from loquant.errors import LoquantError
 from loquant.formats import WeightFormat
 
 CORRECTION_TENSORS = ("A", "B")
@@ -17,7 +18,11 @@ def storage_report(layers: dict[str, dict], nbytes: dict[str, int]) -> dict:
     rows = []
     for name, rec in layers.items():
         fmt = WeightFormat.from_dict({k: rec[k] for k in ("format", "bits", "group_size", "double_quant")})
-        base = sum(nbytes[f"{name}.{t}"] for t in fmt.layout(rec["out_features"], rec["in_features"]))
+        stored = [f"{name}.{t}" for t in fmt.layout(rec["out_features"], rec["in_features"])]
+        missing = [t for t in stored if t not in nbytes]
+        if missing:
+            raise LoquantError(f"missing tensor {missing[0]}")
+        base = sum(nbytes[t] for t in stored)
         corr = sum(nbytes.get(f"{name}.{t}", 0) for t in CORRECTION_TENSORS)
         weights = rec["out_features"] * rec["in_features"]
         rows.append(
