@@ -111,3 +111,7 @@ def test_correction_input_errors():
         QuantConfig(method="svd", rank=4, fisher=True)
     with pytest.raises(LoquantError, match="unknown method"):
         QuantConfig(method="gptq")
+    with pytest.raises(LoquantError, match="--sequential"):
+        QuantConfig(method="loftq", rank=4, sequential=True)
+    with pytest.raises(LoquantError, match="--iters"):
+        QuantConfig(method="svd", rank=4, iters=3)

@@ -70,6 +70,8 @@ class QuantConfig:
             raise LoquantError("--fisher weights the lqlora method only")
         if self.iters is not None and (self.method not in DEFAULT_ITERS or self.iters < 1):
             raise LoquantError("--iters takes a positive count, for loftq, lqlora, lqer or qera-*")
+        if self.sequential and not (self.rank > 0 and self.method in NEEDS_STATS):
+            raise LoquantError("--sequential calibrates lqer, qera-approx or qera-exact at a rank above 0")
         if not self.damping >= 0:
             raise LoquantError(f"damping must be 0 or more, got {self.damping}")
 

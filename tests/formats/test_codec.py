@@ -181,4 +181,5 @@ def test_cuda_matches_cpu(fmt_name, bits, dq):
             assert torch.allclose(gpu[name].cpu().float(), cpu[name].float(), rtol=1e-5, atol=1e-7)
     d_cpu = dequantize_weight(cpu, fmt, (256, 576))
     d_gpu = dequantize_weight(gpu, fmt, (256, 576))
-    assert ((d_gpu.cpu() - d_cpu).norm() / d_cpu.norm()) < 1e-3
+    # with dq one int8 parameter rounding the other way on a tie moves its whole group
+    assert ((d_gpu.cpu() - d_cpu).norm() / d_cpu.norm()) < (1e-2 if dq else 1e-3)
