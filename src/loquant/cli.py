@@ -70,13 +70,33 @@ def _eval(model, tokenizer, args) -> dict:
 
 
 def cmd_quantize(args) -> None:
+    from loquant import allocation
+
+    budgeted = args.budget is not None or args.budget_gb is not None
+    if budgeted and args.plan:
+        raise LoquantError("--plan re-applies a plan: give it without --budget/--budget-gb")
+    if args.budget is not None and args.budget_gb is not None:
+        raise LoquantError("give one of --budget and --budget-gb")
+    if args.alloc_error not in allocation.ALLOC_ERRORS:
+        raise LoquantError(f"unknown --alloc-error {args.alloc_error!r}")
+    overrides = {}
+    if args.plan:
+        overrides = allocation.read_plan(args.plan)
+    candidates = None
+    if budgeted:
+        if args.candidates:
+            candidates = allocation.parse_candidates(args.candidates)
+        else:
+            pick = lambda v: None if v is None else [v]  # noqa: E731
+            candidates = allocation.default_candidates(pick(args.format), pick(args.bits), pick(args.group_size))
     config = QuantConfig(
-        format=args.format,
-        bits=args.bits,
-        group_size=args.group_size,
+        format="int" if args.format is None else args.format,
+        bits=4 if args.bits is None else args.bits,
+        group_size=64 if args.group_size is None else args.group_size,
         double_quant=args.double_quant,
         include=args.include,
         exclude=args.exclude or [],
+        overrides=overrides,
         method=args.method,
         rank=args.rank,
         iters=args.iters,
@@ -91,31 +111,62 @@ def cmd_quantize(args) -> None:
             "seed": args.seed,
         },
     )
+    needs_calib = config.needs_calibration or (budgeted and args.alloc_error in ("activation", "fisher"))
     out = Path(args.out)
     ensure_writable(out, args.overwrite)  # fail before the slow steps
     if args.eval:
         load_text(args.corpus)
-        if config.needs_calibration and args.calib == args.corpus:
+        if needs_calib and args.calib == args.corpus:
             raise LoquantError(f"calibrating and evaluating on the same text ({args.corpus}) is not a measurement")
-    calib_text = load_text(args.calib) if config.needs_calibration else None
+    calib_text = load_text(args.calib) if needs_calib else None
     model, tokenizer = load_model(args.model)
     calib = None
     if calib_text is not None:
         ids = tokenize(tokenizer, calib_text)
         calib = calib_windows(ids, args.calib_seq_len, args.calib_samples, args.seed)
+    stats, extra, plan_lines = None, {}, []
+    if budgeted:
+        plan, info = allocation.allocate(
+            model,
+            config,
+            candidates,
+            budget_bits_per_weight=args.budget,
+            budget_gb=args.budget_gb,
+            include_correction=args.budget_includes_correction,
+            kind=args.alloc_error,
+            calib=calib,
+        )
+        config.overrides = {n: f.to_dict() for n, f in plan.items()}
+        stats = info["stats"] if not config.sequential else None
+        record = allocation.plan_record(
+            plan,
+            budget=args.budget,
+            budget_gb=args.budget_gb,
+            includes_correction=args.budget_includes_correction,
+            alloc_error=args.alloc_error,
+            method=config.method,
+            rank=config.rank,
+        )
+        extra["plan.json"] = json.dumps(record, indent=2, sort_keys=True) + "\n"
+        plan_lines = [
+            f"plan: {info['matrices']} matrices x {info['candidates']} candidates, error table "
+            f"{info['table_seconds']:.1f} s, HiGHS {info['solve_seconds']:.2f} s, "
+            f"{info['planned_bits_per_weight']:.4f} planned bits per weight",
+            *info["summary"],
+        ]
     before = _eval(model, tokenizer, args) if args.eval else None
     float_bits = model_bits_per_weight(model)
     start = time.perf_counter()
-    quantize(model, config, calib=calib)
+    quantize(model, config, calib=calib, stats=stats)
     seconds = time.perf_counter() - start
-    save(model, out, tokenizer, overwrite=args.overwrite)
+    save(model, out, tokenizer, overwrite=args.overwrite, extra_files=extra)
     after = _eval(model, tokenizer, args) if args.eval else None
     report = storage_report(
         model.config.quantization_config["layers"], {k: v.nbytes for k, v in model.state_dict().items()}
     )
     float_mb = report["weights"] * float_bits / 8 / 2**20
     rows = [
-        ("", "float", config.base_format().describe()),
+        ("", "float", "mixed (plan)" if config.overrides else config.base_format().describe()),
         ("quantized layers", str(len(quant_layers(model))), ""),
         ("bits per weight", f"{float_bits:.2f}", f"{report['bits_per_weight']:.3f}"),
         ("their size (MiB)", f"{float_mb:.1f}", f"{report['bytes'] / 2**20:.1f}"),
@@ -131,6 +182,8 @@ def cmd_quantize(args) -> None:
         rows.append((label, f"{before['ppl']:.2f}", f"{after['ppl']:.2f}"))
     width = max(len(r[0]) for r in rows)
     print(f"loquant quantize {args.model} -> {out}  ({seconds:.1f} s)")
+    for line in plan_lines:
+        print(f"  {line}")
     for name, a, b in rows:
         print(f"  {name:<{width}}  {a:>10}  {b:>12}")
 
@@ -203,8 +256,9 @@ def cmd_report(args) -> None:
     recipe = qc.get("recipe") or {}
     total = storage_report(qc["layers"], tensor_nbytes(path))
     formats = sorted({r["format"] for r in total["layers"]})
+    formats_text = "/".join(formats) if len(formats) <= 3 else f"{len(formats)} formats (plan)"
     title = (
-        f"{path.name}: {'/'.join(formats)}, {recipe.get('method', 'none')} rank {recipe.get('rank', 0)}, "
+        f"{path.name}: {formats_text}, {recipe.get('method', 'none')} rank {recipe.get('rank', 0)}, "
         f"{total['bits_per_weight']:.3f} bits/weight; output error on {args.calib_samples} x "
         f"{args.calib_seq_len} held-out {args.calib} tokens (seed {args.seed})"
     )
@@ -230,9 +284,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model's linear layers and save it")
     q.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL})")
-    q.add_argument("--format", default="int", help="int, int-sym or nf (default int)")
-    q.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (nf: 2-4; default 4)")
-    q.add_argument("--group-size", type=int, default=64, help="32, 64, 128, 256 or -1 per channel (default 64)")
+    q.add_argument("--format", help="int, int-sym or nf (default int; with --budget: fixes the candidates' format)")
+    q.add_argument("--bits", type=int, help="2, 3, 4 or 8 (nf: 2-4; default 4)")
+    q.add_argument("--group-size", type=int, help="32, 64, 128, 256 or -1 per channel (default 64)")
+    q.add_argument("--budget", type=float, help="average bits per weight over the quantized layers: plan formats")
+    q.add_argument("--budget-gb", type=float, help="size of the whole saved model in GB (1e9 bytes): plan formats")
+    q.add_argument("--budget-includes-correction", action="store_true", help="--budget counts the correction too")
+    q.add_argument("--candidates", help="formats the plan may pick, e.g. 'int:2,3,4:64,128 nf:4:64'")
+    q.add_argument("--alloc-error", default="activation", help="frobenius, activation (default) or fisher")
+    q.add_argument("--plan", help="re-apply a plan.json written by an earlier budgeted run")
     q.add_argument("--double-quant", action="store_true", help="8-bit scales in blocks of 256 (QLoRA)")
     q.add_argument("--rank", type=int, default=0, help="rank of the 16-bit correction (0 = none)")
     q.add_argument("--method", default="svd", choices=METHODS, help="how the correction is computed (default svd)")

@@ -79,8 +79,15 @@ def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
         raise
 
 
-def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, *, overwrite: bool = False) -> Path:
-    """Write a quantized model (and its tokenizer) to `out_dir`, atomically."""
+def save(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    tokenizer=None,
+    *,
+    overwrite: bool = False,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """Write a quantized model (and its tokenizer, and any extra text files) to `out_dir`, atomically."""
     if not quant_layers(model):
         raise LoquantError("the model has no quantized layer: call loquant.quantize first")
     out = Path(out_dir)
@@ -95,6 +102,8 @@ def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, *, overwr
         save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
     return out
 
 
