@@ -22,7 +22,7 @@ import torch
 
 from loquant import QuantConfig, quantize
 from loquant.allocation import default_candidates, error_table, solve, storage_bits
-from loquant.calibration import collect
+from loquant.calibration import collect, fisher_diagonal
 from loquant.cli import model_bits_per_weight
 from loquant.data import calib_windows, eval_windows, load_text, tokenize
 from loquant.evaluate import perplexity
@@ -49,6 +49,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budgets", type=float, nargs="+", default=[2.5, 3.0, 3.25, 3.5])
     ap.add_argument("--skip-model", action="store_true")
+    ap.add_argument("--alloc-error", default="activation", choices=["activation", "fisher", "frobenius"])
+    ap.add_argument("--no-uniform", action="store_true", help="skip the uniform baselines")
     args = ap.parse_args()
     print(f"{platform.node()}, {torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}\n")
     times = [synthetic_solve(seed=s) for s in range(3)]
@@ -63,9 +65,12 @@ def main() -> None:
     modules = {n: m for n, m, _, _ in targets}
     weights = {n: w for n, _, w, _ in targets}
     t = time.perf_counter()
-    stats = collect(model, calib, modules, progress=False)
+    stats = collect(model, calib, modules, progress=False) if args.alloc_error == "activation" else None
+    fisher = None
+    if args.alloc_error == "fisher":
+        fisher = fisher_diagonal(model, calib, {n: m.weight for n, m in modules.items()}, progress=False)
     candidates = default_candidates()
-    errors = error_table(weights, candidates, kind="activation", stats=stats, progress=False)
+    errors = error_table(weights, candidates, kind=args.alloc_error, stats=stats, fisher=fisher, progress=False)
     table_s = time.perf_counter() - t
     sizes = np.array([[storage_bits(c, tuple(w.shape), 0, False) for c in candidates] for w in weights.values()])
     total = sum(w.numel() for w in weights.values())
@@ -90,7 +95,7 @@ def main() -> None:
             )
         )
         print(f"| {rows[-1][0]} | {rows[-1][1]:.4f} | {rows[-1][2]:.2f} |", flush=True)
-    for fmt, bits, group in UNIFORM:
+    for fmt, bits, group in [] if args.no_uniform else UNIFORM:
         m = quantize(copy.deepcopy(model), QuantConfig(format=fmt, bits=bits, group_size=group), progress=False)
         label = f"uniform {fmt.upper()}{bits} g{group}"
         print(
