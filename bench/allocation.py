@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import platform
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -51,6 +53,7 @@ def main() -> None:
     ap.add_argument("--skip-model", action="store_true")
     ap.add_argument("--alloc-error", default="activation", choices=["activation", "fisher", "frobenius"])
     ap.add_argument("--no-uniform", action="store_true", help="skip the uniform baselines")
+    ap.add_argument("--plans-dir", help="write each budget's plan here (for loquant quantize --plan)")
     args = ap.parse_args()
     print(f"{platform.node()}, {torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}\n")
     times = [synthetic_solve(seed=s) for s in range(3)]
@@ -86,6 +89,10 @@ def main() -> None:
         choice = solve(errors, sizes, budget * total)
         solve_s = time.perf_counter() - t
         overrides = {n: candidates[c].to_dict() for n, c in zip(weights, choice, strict=True)}
+        if args.plans_dir:
+            Path(args.plans_dir).mkdir(parents=True, exist_ok=True)
+            record = {"budget": budget, "alloc_error": args.alloc_error, "layers": overrides}
+            (Path(args.plans_dir) / f"plan-{budget}.json").write_text(json.dumps(record, indent=2, sort_keys=True))
         m = quantize(copy.deepcopy(model), QuantConfig(overrides=overrides), progress=False)
         rows.append(
             (
