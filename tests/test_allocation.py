@@ -170,3 +170,39 @@ def test_cli_budget_errors(checkpoint, corpus, tmp_path, capsys):
     assert code == 0, err
     size = sum(p.stat().st_size for p in (tmp_path / "m").glob("*.safetensors"))
     assert size <= 0.0005e9 + 20000  # tensors within budget; the safetensors header is extra
+
+
+def test_fisher_error_is_the_weighted_squared_error():
+    model = tiny_model("llama")
+    weights = {n: w for n, _, w, _ in _targets(model, QuantConfig())}
+    fisher = {n: torch.rand_like(w) for n, w in weights.items()}
+    cand = WeightFormat("nf", 3, 32)
+    table = error_table(weights, [cand], kind="fisher", fisher=fisher, progress=False)
+    name, w = next(iter(weights.items()))
+    D = w.double() - fake_quantize(w.double(), cand)
+    assert table[0, 0] == pytest.approx((fisher[name].double() * D.square()).sum().item(), rel=1e-6)
+    with pytest.raises(LoquantError, match="needs the diagonal Fisher"):
+        error_table(weights, [cand], kind="fisher", progress=False)
+
+
+def test_cli_fisher_budget(checkpoint, corpus, tmp_path, capsys):
+    code, _, err = run(
+        capsys,
+        "quantize",
+        checkpoint,
+        "--budget",
+        "3.5",
+        "--alloc-error",
+        "fisher",
+        "--calib",
+        corpus,
+        "--calib-samples",
+        "4",
+        "--calib-seq-len",
+        "32",
+        "--out",
+        tmp_path / "m",
+    )
+    assert code == 0, err
+    code, out, _ = run(capsys, "info", tmp_path / "m", "--json")
+    assert json.loads(out)["base_bits_per_weight"] <= 3.5
