@@ -78,7 +78,7 @@ def main() -> None:
     sizes = np.array([[storage_bits(c, tuple(w.shape), 0, False) for c in candidates] for w in weights.values()])
     total = sum(w.numel() for w in weights.values())
     print(
-        f"error table: {len(weights)} matrices x {len(candidates)} candidates, activation error, "
+        f"error table: {len(weights)} matrices x {len(candidates)} candidates, {args.alloc_error} error, "
         f"{table_s:.0f} s including calibration\n"
     )
     print("| configuration | bits/weight (measured) | sotu-test ppl |")

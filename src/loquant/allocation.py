@@ -135,7 +135,7 @@ def solve(errors: np.ndarray, sizes: np.ndarray, budget: float, time_limit: floa
         integrality=np.ones(M * C),
         bounds=Bounds(0, 1),
         constraints=[one_each, memory],
-        options={"time_limit": time_limit},
+        options={"time_limit": time_limit, "disp": False},
     )
     if res.x is None:
         raise LoquantError(f"the integer program found no plan: {res.message}")
