@@ -25,11 +25,11 @@ import torch
 from loquant import QuantConfig, quantize
 from loquant.allocation import default_candidates, error_table, solve, storage_bits
 from loquant.calibration import collect, fisher_diagonal
-from loquant.cli import model_bits_per_weight
 from loquant.data import calib_windows, eval_windows, load_text, tokenize
 from loquant.evaluate import perplexity
 from loquant.model import _targets
 from loquant.sources import load_model
+from loquant.storage import model_bits_per_weight
 
 UNIFORM = [("int", 2, 64), ("nf", 2, 32), ("int", 2, 32), ("int", 3, 128), ("nf", 3, 64), ("int", 3, 64), ("nf", 3, 32)]
 

@@ -17,11 +17,11 @@ import numpy as np
 from loquant import QuantConfig, quantize
 from loquant.allocation import default_candidates, error_table, solve, storage_bits
 from loquant.calibration import collect, fisher_diagonal
-from loquant.cli import model_bits_per_weight
 from loquant.data import calib_windows, eval_windows, load_text, tokenize
 from loquant.evaluate import perplexity
 from loquant.model import _targets
 from loquant.sources import load_model
+from loquant.storage import model_bits_per_weight
 
 
 def main() -> None:

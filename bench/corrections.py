@@ -21,12 +21,12 @@ import torch
 
 from loquant import QuantConfig, quantize
 from loquant.calibration import collect
-from loquant.cli import model_bits_per_weight
 from loquant.corrections import METHODS
 from loquant.data import calib_windows, eval_windows, load_text, tokenize
 from loquant.evaluate import perplexity
 from loquant.model import linear_weight
 from loquant.sources import load_model
+from loquant.storage import model_bits_per_weight
 
 FORMATS = {"INT2 g64": ("int", 2), "INT3 g64": ("int", 3), "INT4 g64": ("int", 4), "NF4 g64": ("nf", 4)}
 RANKS = (4, 8, 16, 32, 64)

@@ -15,11 +15,11 @@ from loquant.allocation import (
     storage_bits,
 )
 from loquant.calibration import collect
-from loquant.cli import main
 from loquant.formats import WeightFormat, fake_quantize, quantize_weight
 from loquant.model import _targets
 from loquant.storage import storage_report
 
+from cli_helpers import run
 from tiny_models import tiny_model
 
 
@@ -119,12 +119,6 @@ def test_budget_with_correction_counts_it():
     nbytes = {k: v.nbytes for k, v in model.state_dict().items()}
     report = storage_report(model.config.quantization_config["layers"], nbytes)
     assert report["bits_per_weight"] <= 4.0 < report["base_bits_per_weight"] + 1.5
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cli_budget_plan_and_reapply(checkpoint, corpus, tmp_path, capsys):

@@ -1,7 +1,5 @@
 """The command line end to end on a tiny checkpoint: the flags and JSON keys are a contract."""
 
-import json
-import re
 import subprocess
 import sys
 
@@ -10,25 +8,10 @@ import torch
 
 from loquant.cli import main
 
+from cli_helpers import one_json_line, run
 from tiny_models import tiny_checkpoint, tiny_model
 
 EVAL = ["--seq-len", "32", "--windows", "4"]
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_json_line(out: str) -> dict:
-    lines = out.strip().splitlines()
-    assert len(lines) == 1, out
-    data = json.loads(lines[0])
-    for v in data.values():  # numbers rounded to 4 decimals
-        if isinstance(v, float):
-            assert re.fullmatch(r"-?\d+(\.\d{1,4})?(e-?\d+)?", repr(v)), v
-    return data
 
 
 @pytest.fixture(scope="module")

@@ -88,16 +88,16 @@ def error_table(
     bar = tqdm(total=table.size, desc="allocation errors", disable=not progress, unit="cfg")
     for m, (name, W) in enumerate(weights.items()):
         W = W.detach().double()
-        R = stats[name].R.to(W.device) if kind == "activation" or stats is not None and name in stats else None
+        layer_stats = stats[name] if stats is not None and name in stats else None
+        R = layer_stats.R.to(W.device) if kind == "activation" else None
         signal = ((W @ R) * W).sum().item() if kind == "activation" else 1.0
         for c, fmt in enumerate(candidates):
-            r = min(rank, *W.shape)
             result = correct(
                 W,
                 fmt,
                 method,
-                r,
-                stats=stats[name] if R is not None else None,
+                min(rank, *W.shape),
+                stats=layer_stats,
                 fisher=fisher[name] if fisher and method == "lqlora" else None,
                 iters=iters,
                 damping=damping,

@@ -8,8 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from loquant.corrections import METHODS
 from loquant.data import calib_windows, eval_windows, load_text, tokenize
 from loquant.errors import LoquantError
@@ -17,7 +15,7 @@ from loquant.evaluate import perplexity
 from loquant.model import QuantConfig, quant_layers, quantize
 from loquant.serialization import ensure_writable, read_config, save, tensor_nbytes
 from loquant.sources import load_model
-from loquant.storage import memory_bytes, storage_report
+from loquant.storage import memory_bytes, model_bits_per_weight, storage_report
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -34,17 +32,6 @@ def _round(obj):
 
 def _emit_json(obj: dict) -> None:
     print(json.dumps(_round(obj), sort_keys=True))
-
-
-def model_bits_per_weight(model: torch.nn.Module) -> float:
-    """Measured bits per weight of the quantized layers; for a float model, its dtype's bits."""
-    layers = quant_layers(model)
-    if layers:
-        qc = model.config.quantization_config
-        nbytes = {k: v.nbytes for k, v in model.state_dict().items()}
-        return storage_report(qc["layers"], nbytes)["bits_per_weight"]
-    weight = next(m.weight for m in model.modules() if isinstance(m, torch.nn.Linear))
-    return float(torch.finfo(weight.dtype).bits)
 
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:

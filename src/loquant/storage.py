@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import torch
+
 from loquant.errors import LoquantError
 from loquant.formats import WeightFormat
+from loquant.model import quant_layers
 
 CORRECTION_TENSORS = ("A", "B")
 
@@ -61,3 +64,14 @@ def memory_bytes(module) -> int:
             seen.add(key)
             total += t.untyped_storage().nbytes()
     return total
+
+
+def model_bits_per_weight(model: torch.nn.Module) -> float:
+    """Measured bits per weight of the quantized layers; for a float model, its dtype's bits."""
+    layers = quant_layers(model)
+    if layers:
+        qc = model.config.quantization_config
+        nbytes = {k: v.nbytes for k, v in model.state_dict().items()}
+        return storage_report(qc["layers"], nbytes)["bits_per_weight"]
+    weight = next(m.weight for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return float(torch.finfo(weight.dtype).bits)
