@@ -24,6 +24,12 @@ CONFIGS = [  # (label, quantize flags)
     ("NF4 g64 + DQ", ["--format", "nf", "--bits", "4", "--group-size", "64", "--double-quant"]),
     ("INT3 g64", ["--format", "int", "--bits", "3", "--group-size", "64"]),
     ("INT2 g64", ["--format", "int", "--bits", "2", "--group-size", "64"]),
+    # ICQ (IR-QLoRA) against plain NF at each width: python bench/rtn_perplexity.py --only <these labels>
+    ("NF4 g64 + ICQ", ["--format", "nf", "--bits", "4", "--group-size", "64", "--icq"]),
+    ("NF3 g64", ["--format", "nf", "--bits", "3", "--group-size", "64"]),
+    ("NF3 g64 + ICQ", ["--format", "nf", "--bits", "3", "--group-size", "64", "--icq"]),
+    ("NF2 g64", ["--format", "nf", "--bits", "2", "--group-size", "64"]),
+    ("NF2 g64 + ICQ", ["--format", "nf", "--bits", "2", "--group-size", "64", "--icq"]),
 ]
 
 

@@ -76,3 +76,15 @@ def test_cuda_forward_matches_cpu_reference(dtype, tol):
     y = layer.cuda()(x.cuda().to(dtype))
     assert y.is_cuda and y.dtype == dtype
     assert ((y.float().cpu() - ref).norm() / ref.norm()) < tol
+
+
+def test_backward_through_the_packed_weight_matches_the_float_reference():
+    layer, _, _ = make(rank=0, bias=True)
+    x = torch.randn(5, layer.in_features, requires_grad=True)
+    y = layer(x)
+    y.square().sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    y_ref = torch.nn.functional.linear(x_ref, layer.dequantize(), layer.bias)
+    y_ref.square().sum().backward()
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(x.grad, x_ref.grad)

@@ -25,27 +25,34 @@ ALLOC_ERRORS = ("frobenius", "activation", "fisher")
 GROUPS = (32, 64, 128, 256)
 
 
-def default_candidates(formats=None, bits=None, groups=None) -> list[WeightFormat]:
-    """format x bits {2,3,4,8} x group {32,64,128,256}, NF only at 2-4 bits; each axis can be fixed."""
+def default_candidates(formats=None, bits=None, groups=None, icq: bool = False) -> list[WeightFormat]:
+    """format x bits {2,3,4,8} x group {32,64,128,256}, NF only at 2-4 bits; each axis can be
+    fixed. icq: every candidate with ICQ shifts (nf only, see WeightFormat)."""
     out = []
     for fmt in formats or FORMAT_BITS:
         for b, g in itertools.product(bits or (2, 3, 4, 8), groups or GROUPS):
             if b in FORMAT_BITS[fmt]:
-                out.append(WeightFormat(fmt, b, g))
+                out.append(WeightFormat(fmt, b, g, icq=icq))
     if not out:
         raise LoquantError("no candidate format left: check --format/--bits/--group-size")
     return out
 
 
 def parse_candidates(spec: str) -> list[WeightFormat]:
-    """'int:2,3,4:64,128 nf:4:64' -> formats; each item is FORMAT:BITS:GROUPS."""
+    """'int:2,3,4:64,128 nf:4:64 nf:2,3:64:icq' -> formats; each item is FORMAT:BITS:GROUPS,
+    optionally followed by :icq (nf only)."""
     out = []
     for item in spec.split():
         try:
-            fmt, bits, groups = item.split(":")
-            out += default_candidates([fmt], [int(b) for b in bits.split(",")], [int(g) for g in groups.split(",")])
+            fmt, bits, groups, *rest = item.split(":")
+            if rest not in ([], ["icq"]):
+                raise ValueError
+            bits_, groups_ = [int(b) for b in bits.split(",")], [int(g) for g in groups.split(",")]
+            out += default_candidates([fmt], bits_, groups_, icq=rest == ["icq"])
         except ValueError:
-            raise LoquantError(f"bad candidate {item!r}: write FORMAT:BITS:GROUPS, e.g. int:2,3,4:64,128") from None
+            raise LoquantError(
+                f"bad candidate {item!r}: write FORMAT:BITS:GROUPS[:icq], e.g. int:2,3,4:64,128"
+            ) from None
     return out
 
 

@@ -69,18 +69,23 @@ def cmd_quantize(args) -> None:
     overrides = {}
     if args.plan:
         overrides = allocation.read_plan(args.plan)
+    if args.icq and args.format != "nf":
+        raise LoquantError("--icq shifts NormalFloat groups: use it with --format nf")
     candidates = None
     if budgeted:
         if args.candidates:
             candidates = allocation.parse_candidates(args.candidates)
         else:
             pick = lambda v: None if v is None else [v]  # noqa: E731
-            candidates = allocation.default_candidates(pick(args.format), pick(args.bits), pick(args.group_size))
+            candidates = allocation.default_candidates(
+                pick(args.format), pick(args.bits), pick(args.group_size), icq=args.icq
+            )
     config = QuantConfig(
         format="int" if args.format is None else args.format,
         bits=4 if args.bits is None else args.bits,
         group_size=64 if args.group_size is None else args.group_size,
         double_quant=args.double_quant,
+        icq=args.icq,
         include=args.include,
         exclude=args.exclude or [],
         overrides=overrides,
@@ -265,6 +270,64 @@ def cmd_report(args) -> None:
     print(f"wrote {args.out}")
 
 
+def cmd_finetune(args) -> None:
+    from loquant.finetune import FinetuneConfig, run
+
+    config = FinetuneConfig(
+        data=args.data,
+        eval_data=args.eval_data,
+        steps=args.steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        adapter=args.adapter,
+        rank=args.rank,
+        params=args.params,
+        init=args.init,
+        iec=args.iec,
+        lora_alpha=args.lora_alpha,
+        dropout=args.dropout,
+        warmup_steps=args.warmup_steps,
+        eval_every=args.eval_every,
+        eval_windows=args.eval_windows,
+        save_every=args.save_every,
+        calib_samples=args.calib_samples,
+        calib_seq_len=args.calib_seq_len,
+        damping=args.damping,
+        seed=args.seed,
+        gradient_checkpointing=args.gradient_checkpointing,
+        bf16=args.bf16,
+    )
+    _saved(args.dir)
+    result = run(args.dir, args.out, config, resume=args.resume, overwrite=args.overwrite, device=args.device)
+    tps = result["tokens_per_second"]
+    print(f"loquant finetune {args.dir} -> {args.out}  ({result['device']})")
+    print(f"  trainable parameters   {result['trainable_params']:,}")
+    start, end = result["held_out_ppl_start"], result["held_out_ppl_end"]
+    print(f"  held-out ppl ({result['held_out']})  {start:.2f} -> {end:.2f}")
+    print(f"  {result['peak_memory_kind']}  {result['peak_memory_bytes'] / 2**20:.1f} MiB")
+    print(f"  tokens per second      {tps:.1f}" if tps else "  tokens per second      (no step run)")
+
+
+def cmd_merge(args) -> None:
+    import torch
+
+    from loquant.adapters.attach import merge
+
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype]
+    path, _ = _saved(args.dir)
+    out = Path(args.out)
+    ensure_writable(out, args.overwrite)
+    model, tokenizer = load_model(str(path))
+    merged = merge(model, dtype)
+    from loquant.serialization import atomic_dir
+
+    with atomic_dir(out, args.overwrite) as tmp:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    print(f"loquant merge {path} -> {out}: a {args.dtype} transformers model")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loquant", description="Low-bit LLM weights with 16-bit corrections.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -277,10 +340,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--budget", type=float, help="average bits per weight over the quantized layers: plan formats")
     q.add_argument("--budget-gb", type=float, help="size of the whole saved model in GB (1e9 bytes): plan formats")
     q.add_argument("--budget-includes-correction", action="store_true", help="--budget counts the correction too")
-    q.add_argument("--candidates", help="formats the plan may pick, e.g. 'int:2,3,4:64,128 nf:4:64'")
+    q.add_argument("--candidates", help="formats the plan may pick, e.g. 'int:2,3,4:64,128 nf:4:64[:icq]'")
     q.add_argument("--alloc-error", default="activation", help="frobenius, activation (default) or fisher")
     q.add_argument("--plan", help="re-apply a plan.json written by an earlier budgeted run")
     q.add_argument("--double-quant", action="store_true", help="8-bit scales in blocks of 256 (QLoRA)")
+    q.add_argument("--icq", action="store_true", help="nf only: per-group shift maximizing code entropy (IR-QLoRA)")
     q.add_argument("--rank", type=int, default=0, help="rank of the 16-bit correction (0 = none)")
     q.add_argument("--method", default="svd", choices=METHODS, help="how the correction is computed (default svd)")
     q.add_argument("--iters", type=int, help="loftq: iterations (5); lqlora, lqer, qera-*: alternation cap (20; 1)")
@@ -318,6 +382,51 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--calib-seq-len", type=int, default=512, help="tokens per window (default 512)")
     r.add_argument("--seed", type=int, default=1, help="window seed, not the correction's own (default 1)")
     r.set_defaults(func=cmd_report)
+
+    f = sub.add_parser("finetune", help="train an adapter on a quantized model (LoRA from its correction, or QWHA)")
+    f.add_argument("dir", help="a folder written by `loquant quantize`")
+    f.add_argument("--data", default="sotu-calib", help="sotu-calib, a .txt file or a .jsonl file with a 'text' field")
+    f.add_argument("--eval-data", help="held-out text (default: sotu-val for sotu-calib, else the last 5%% of --data)")
+    f.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
+    f.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default 2e-4, cosine, warm-up)")
+    f.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default: 5%% of --steps)")
+    f.add_argument("--batch-size", type=int, default=8, help="windows per step (default 8)")
+    f.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+    f.add_argument("--adapter", default="lora", choices=["lora", "wht"], help="LoRA (default) or QWHA Walsh-Hadamard")
+    f.add_argument("--rank", type=int, help="LoRA rank (default: the base's correction rank, else 16)")
+    f.add_argument("--params", type=int, help="wht: trainable coefficients in all (default: LoRA's count at --rank)")
+    f.add_argument("--init", choices=["correction", "zero"], help="LoRA start (default: correction when there is one)")
+    f.add_argument("--iec", action="store_true", help="IR-QLoRA's elastic connection on the LoRA adapter")
+    f.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the rank, i.e. scaling 1)")
+    f.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (default 0)")
+    f.add_argument("--eval-every", type=int, default=0, help="held-out perplexity every K steps (0: start and end)")
+    f.add_argument("--eval-windows", type=int, default=8, help="held-out windows of --seq-len (default 8)")
+    f.add_argument("--save-every", type=int, default=100, help="checkpoint every K steps (default 100)")
+    f.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    f.add_argument("--calib-samples", type=int, default=64, help="wht: calibration windows for QWHA's init")
+    f.add_argument("--calib-seq-len", type=int, default=512, help="wht: tokens per calibration window")
+    f.add_argument("--damping", type=float, default=1e-8, help="wht: damping of the input statistics")
+    f.add_argument("--seed", type=int, default=0, help="seed of the batch offsets (default 0)")
+    f.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    f.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: on with CUDA)")
+    f.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    f.add_argument("--out", required=True, help="output folder: base + adapter/, loadable by loquant eval")
+    f.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    f.set_defaults(func=cmd_finetune)
+
+    helps = {
+        "merge": "fold the adapter (or correction) into a 16-bit transformers model",
+        "export": "export a model for other tools (--to merged: a 16-bit transformers model)",
+    }
+    for name, help_text in helps.items():
+        m = sub.add_parser(name, help=help_text)
+        m.add_argument("dir")
+        if name == "export":
+            m.add_argument("--to", required=True, choices=["merged"], help="merged: W = deq(W) + corrections, 16-bit")
+        m.add_argument("--out", required=True, help="output folder (written atomically)")
+        m.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+        m.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+        m.set_defaults(func=cmd_merge)
     return parser
 
 

@@ -11,6 +11,24 @@ from loquant.formats import WeightFormat, dequantize_weight, quantize_weight
 CORRECTION_DTYPE = torch.float16
 
 
+class _PackedMatmul(torch.autograd.Function):
+    """x · deq(W)ᵀ that keeps no float W for backward: it dequantizes again instead.
+
+    Plain F.linear would save the dequantized weight of every layer until backward, a full
+    float copy of the model during fine-tuning; saving only the layer (its packed buffers)
+    keeps training memory near the packed size (as bitsandbytes' 4-bit matmul does).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: QuantLinear, dtype: torch.dtype) -> torch.Tensor:
+        ctx.layer, ctx.dtype = layer, dtype
+        return F.linear(x.to(dtype), layer.dequantize(dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.to(ctx.dtype) @ ctx.layer.dequantize(ctx.dtype), None, None
+
+
 class QuantLinear(nn.Module):
     """y = x · deq(W)ᵀ + (x · Aᵀ) · Bᵀ + bias, computed in the input's dtype.
 
@@ -91,7 +109,13 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        y = F.linear(x, self.dequantize(x.dtype), bias)
+        if torch.is_grad_enabled() and x.requires_grad:
+            # Under autocast, compute in the autocast dtype as F.linear would.
+            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            y = _PackedMatmul.apply(x, self, dtype)
+            y = y if bias is None else y + bias.to(y.dtype)
+        else:
+            y = F.linear(x, self.dequantize(x.dtype), bias)
         if self.A is not None:
             y = y + F.linear(F.linear(x, self.A.to(x.dtype)), self.B.to(x.dtype))
         return y

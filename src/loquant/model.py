@@ -33,7 +33,8 @@ class QuantConfig:
     with a numeric index, e.g. `model.layers.3.mlp.up_proj`), which leaves embeddings, the
     output head and poolers in float. `include` / `exclude` are glob patterns on module names;
     `overrides` maps a pattern to format fields (later patterns win), e.g.
-    `{"*.down_proj": {"bits": 8}}`.
+    `{"*.down_proj": {"bits": 8}}`. `icq` (nf only) shifts each group by IR-QLoRA's
+    entropy-maximizing τ (WeightFormat.icq).
 
     Correction: `method` (see loquant.corrections.METHODS) at `rank` (0 = none); `iters` for
     loftq (default 5) and as lqlora's cap (default 20); `fisher` weights lqlora by the
@@ -46,6 +47,7 @@ class QuantConfig:
     bits: int = 4
     group_size: int = 64
     double_quant: bool = False
+    icq: bool = False
     include: list[str] | None = None
     exclude: list[str] = field(default_factory=list)
     overrides: dict[str, dict] = field(default_factory=dict)
@@ -84,7 +86,7 @@ class QuantConfig:
         return self.corrects and (self.method in NEEDS_STATS or self.fisher)
 
     def base_format(self) -> WeightFormat:
-        return WeightFormat(self.format, self.bits, self.group_size, self.double_quant)
+        return WeightFormat(self.format, self.bits, self.group_size, self.double_quant, self.icq)
 
     def format_for(self, name: str) -> WeightFormat:
         fields = self.base_format().to_dict()

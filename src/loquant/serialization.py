@@ -171,7 +171,7 @@ def build_skeleton(config: dict) -> nn.Module:
     hf_config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     model = cls._from_config(hf_config, dtype=dtype)
     for name, rec in qc["layers"].items():
-        fmt = WeightFormat.from_dict({k: rec[k] for k in ("format", "bits", "group_size", "double_quant")})
+        fmt = WeightFormat.from_record(rec)
         layer = QuantLinear(
             rec["in_features"], rec["out_features"], fmt, bias=rec["bias"], rank=rec["rank"], dtype=dtype
         )
@@ -181,12 +181,26 @@ def build_skeleton(config: dict) -> nn.Module:
     return model.eval()
 
 
-def load(path: str | os.PathLike) -> nn.Module:
-    """Rebuild a model saved by `save`, on CPU, with outputs identical to the saved one."""
+def load(path: str | os.PathLike, *, adapter: bool = True) -> nn.Module:
+    """Rebuild a model saved by `save`, on CPU, with outputs identical to the saved one.
+
+    A `loquant finetune` folder loads as its base plus the trained adapter (a PeftModel for
+    LoRA); adapter=False gives the base alone, e.g. to attach the adapter through PEFT.
+    """
     path = Path(path)
     if not path.is_dir():
         raise LoquantError(f"{path}: no such model folder")
     config = read_config(path)
+    state_file = path / "finetune.json"
+    if adapter and state_file.is_file():
+        try:
+            status = json.loads(state_file.read_text()).get("status")
+        except json.JSONDecodeError:
+            status = "unreadable"
+        if status != "done":
+            raise LoquantError(
+                f"{path}: an unfinished fine-tuning run ({status}): finish it with `loquant finetune ... --resume`"
+            )
     read_header(path / WEIGHTS)
     model = build_skeleton(config)
     expected = model.state_dict()
@@ -213,4 +227,8 @@ def load(path: str | os.PathLike) -> nn.Module:
         if name not in tensors and storage[name] not in present:
             raise LoquantError(f"{path / WEIGHTS}: missing tensor {name}")
     model.load_state_dict(tensors, strict=False)
+    if adapter and (path / "adapter").is_dir():
+        from loquant.adapters.attach import load_adapter
+
+        model = load_adapter(model, path / "adapter").eval()
     return model

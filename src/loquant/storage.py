@@ -6,6 +6,7 @@ import torch
 
 from loquant.errors import LoquantError
 from loquant.formats import WeightFormat
+from loquant.layers import QuantLinear
 from loquant.model import quant_layers
 
 CORRECTION_TENSORS = ("A", "B")
@@ -20,7 +21,7 @@ def storage_report(layers: dict[str, dict], nbytes: dict[str, int]) -> dict:
     """
     rows = []
     for name, rec in layers.items():
-        fmt = WeightFormat.from_dict({k: rec[k] for k in ("format", "bits", "group_size", "double_quant")})
+        fmt = WeightFormat.from_record(rec)
         stored = [f"{name}.{t}" for t in fmt.layout(rec["out_features"], rec["in_features"])]
         missing = [t for t in stored if t not in nbytes]
         if missing:
@@ -67,11 +68,21 @@ def memory_bytes(module) -> int:
 
 
 def model_bits_per_weight(model: torch.nn.Module) -> float:
-    """Measured bits per weight of the quantized layers; for a float model, its dtype's bits."""
-    layers = quant_layers(model)
-    if layers:
-        qc = model.config.quantization_config
-        nbytes = {k: v.nbytes for k, v in model.state_dict().items()}
-        return storage_report(qc["layers"], nbytes)["bits_per_weight"]
-    weight = next(m.weight for m in model.modules() if isinstance(m, torch.nn.Linear))
-    return float(torch.finfo(weight.dtype).bits)
+    """Measured bits per weight of the quantized layers, counting their corrections and any
+    trained adapter (at the dtype it is kept in); for a float model, its dtype's bits."""
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = quant_layers(hf)
+    if not layers:
+        weight = next(m.weight for m in hf.modules() if isinstance(m, torch.nn.Linear))
+        return float(torch.finfo(weight.dtype).bits)
+    nbytes = weights = 0
+    for layer in layers.values():
+        tensors = [*layer.packed().values(), *(t for t in (layer.A, layer.B) if t is not None)]
+        nbytes += sum(t.nbytes for t in tensors)
+        weights += layer.in_features * layer.out_features
+    inner = {id(t) for layer in layers.values() for t in [*layer.parameters(), *layer.buffers()]}
+    for module in hf.modules():
+        if hasattr(module, "base_layer") and isinstance(module.base_layer, QuantLinear):  # an adapter wrapper
+            own = [*module.parameters(), *module.buffers()]
+            nbytes += sum(t.nbytes for t in own if id(t) not in inner)
+    return 8 * nbytes / weights

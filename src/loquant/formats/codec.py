@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from loquant.errors import LoquantError
 from loquant.formats.bitpack import pack, unpack
 from loquant.formats.double_quant import dq_dequantize, dq_quantize
+from loquant.formats.icq import search_shift
 from loquant.formats.normalfloat import nf_codebook, nf_quantize
 from loquant.formats.spec import WeightFormat
 
@@ -38,7 +39,7 @@ def _raw_params(w: torch.Tensor, fmt: WeightFormat) -> dict[str, torch.Tensor]:
 def _store_params(raw: dict[str, torch.Tensor], fmt: WeightFormat) -> dict[str, torch.Tensor]:
     stored = {}
     for name, value in raw.items():
-        if fmt.double_quant:
+        if fmt.double_quantized(name):
             for part, t in dq_quantize(value).items():
                 stored[f"{name}_{part}"] = t
         else:
@@ -50,11 +51,24 @@ def _store_params(raw: dict[str, torch.Tensor], fmt: WeightFormat) -> dict[str, 
 
 def group_params(tensors: dict[str, torch.Tensor], fmt: WeightFormat) -> dict[str, torch.Tensor]:
     """The per-group parameters as stored (after fp16 or double-quant rounding), float32."""
-    if fmt.double_quant:
-        return {
-            n: dq_dequantize(tensors[f"{n}_q"], tensors[f"{n}_absmax"], tensors[f"{n}_mean"]) for n in fmt.param_names
-        }
-    return {n: tensors[n].float() for n in fmt.param_names}
+    return {
+        n: dq_dequantize(tensors[f"{n}_q"], tensors[f"{n}_absmax"], tensors[f"{n}_mean"])
+        if fmt.double_quantized(n)
+        else tensors[n].float()
+        for n in fmt.param_names
+    }
+
+
+def _icq_params(w: torch.Tensor, fmt: WeightFormat) -> dict[str, torch.Tensor]:
+    """ICQ: the entropy-maximizing shift per group, stored (int8 blocks) first; the scale is
+    then absmax(w - τ) for τ as stored, over the group's real weights only."""
+    group = fmt.group_len(w.shape[1])
+    valid = _grouped(torch.ones_like(w[:1], dtype=torch.bool), group, False)
+    shifts = _store_params({"shifts": search_shift(_grouped(w, group, 0.0), fmt.bits, valid)}, fmt)
+    tau = dq_dequantize(shifts["shifts_q"], shifts["shifts_absmax"], shifts["shifts_mean"])
+    lo = _grouped(w, group, float("inf")).amin(dim=2)
+    hi = _grouped(w, group, float("-inf")).amax(dim=2)
+    return {**shifts, **_store_params({"scales": torch.maximum(hi - tau, tau - lo)}, fmt)}
 
 
 def quantize_weight(w: torch.Tensor, fmt: WeightFormat) -> dict[str, torch.Tensor]:
@@ -62,7 +76,8 @@ def quantize_weight(w: torch.Tensor, fmt: WeightFormat) -> dict[str, torch.Tenso
 
     Codes are chosen against the parameters as stored, so dequantization reproduces exactly
     what the codes were fitted to. A zero-range group (all weights equal, e.g. all zero) gets
-    scale 0 and dequantizes to its offset (int) or to 0.
+    scale 0 and dequantizes to its offset (int) or to 0 (with icq: to its shift, and a scale
+    of at most the shift's int8 rounding error brings it back to the group's value).
     """
     if w.dim() != 2:
         raise LoquantError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
@@ -71,7 +86,7 @@ def quantize_weight(w: torch.Tensor, fmt: WeightFormat) -> dict[str, torch.Tenso
     w = w.detach().float()
     out_f, in_f = w.shape
     group = fmt.group_len(in_f)
-    tensors = _store_params(_raw_params(w, fmt), fmt)
+    tensors = _icq_params(w, fmt) if fmt.icq else _store_params(_raw_params(w, fmt), fmt)
     p = group_params(tensors, fmt)
     safe = torch.where(p["scales"] > 0, p["scales"], torch.ones_like(p["scales"]))[:, :, None]
     wg = _grouped(w, group, 0.0)
@@ -81,7 +96,8 @@ def quantize_weight(w: torch.Tensor, fmt: WeightFormat) -> dict[str, torch.Tenso
         half = 1 << (fmt.bits - 1)
         codes = torch.round(wg / safe).clamp(-half, half - 1) + half
     else:
-        codes = nf_quantize((wg / safe).clamp(-1, 1), fmt.bits)
+        shifted = wg - p["shifts"][:, :, None] if fmt.icq else wg
+        codes = nf_quantize((shifted / safe).clamp(-1, 1), fmt.bits)
     codes = codes.reshape(out_f, -1)[:, :in_f].to(torch.uint8)
     tensors["qweight"] = pack(codes, fmt.bits)
     return tensors
@@ -109,6 +125,8 @@ def dequantize_weight(
         w = (codes.float() - (1 << (fmt.bits - 1))) * scales
     else:
         w = nf_codebook(fmt.bits).to(codes.device)[codes.long()] * scales
+        if fmt.icq:
+            w = w + p["shifts"][:, :, None]
     return w.reshape(out_f, -1)[:, :in_f].to(dtype)
 
 

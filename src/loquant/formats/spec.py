@@ -13,6 +13,8 @@ from loquant.formats.double_quant import dq_num_blocks
 FORMAT_BITS = {"int": (2, 3, 4, 8), "int-sym": (2, 3, 4, 8), "nf": (2, 3, 4)}
 # Per-group parameters each format stores, in order.
 FORMAT_PARAMS = {"int": ("scales", "offsets"), "int-sym": ("scales",), "nf": ("scales",)}
+# Per-group parameters always stored as int8 in blocks of 256, whatever double_quant says.
+ALWAYS_DOUBLE_QUANT = ("shifts",)
 
 
 @dataclass(frozen=True)
@@ -25,12 +27,17 @@ class WeightFormat:
     group_size: consecutive input weights sharing parameters; -1 = one group per output
       channel. A group size that does not divide `in` leaves a shorter last group per row.
     double_quant: store the per-group parameters as int8 in blocks of 256 (QLoRA).
+    icq: `nf` only. IR-QLoRA's information calibration: each group is shifted by the τ that
+      maximizes its codes' entropy (formats/icq.py), w ≈ τ + scale · book[code]; τ is stored
+      as int8 in blocks of 256 (`shifts`, always double-quantized: 8 bits a group plus a
+      little), and the scale is absmax(w - τ) with τ as stored.
     """
 
     format: str = "int"
     bits: int = 4
     group_size: int = 64
     double_quant: bool = False
+    icq: bool = False
 
     def __post_init__(self) -> None:
         if self.format not in FORMAT_BITS:
@@ -47,6 +54,10 @@ class WeightFormat:
                 f"unsupported group size {self.group_size}: use a positive size "
                 "(32, 64, 128, 256) or -1 for one group per output channel"
             )
+        if not isinstance(self.icq, bool):
+            raise LoquantError(f"icq must be true or false, got {self.icq!r}")
+        if self.icq and self.format != "nf":
+            raise LoquantError(f"icq shifts NormalFloat groups: use format 'nf', not {self.format!r}")
 
     def group_len(self, in_features: int) -> int:
         return in_features if self.group_size == -1 else min(self.group_size, in_features)
@@ -56,14 +67,18 @@ class WeightFormat:
 
     @property
     def param_names(self) -> tuple[str, ...]:
-        return FORMAT_PARAMS[self.format]
+        return FORMAT_PARAMS[self.format] + (("shifts",) if self.icq else ())
+
+    def double_quantized(self, name: str) -> bool:
+        """Whether parameter `name` is stored as int8 blocks (`{name}_q/_absmax/_mean`)."""
+        return self.double_quant or name in ALWAYS_DOUBLE_QUANT
 
     def layout(self, out_features: int, in_features: int) -> dict[str, tuple[tuple, torch.dtype]]:
         """Name -> (shape, dtype) of every stored tensor of one out x in matrix."""
         groups = (out_features, self.num_groups(in_features))
         tensors = {"qweight": ((packed_nbytes(out_features * in_features, self.bits),), torch.uint8)}
         for name in self.param_names:
-            if self.double_quant:
+            if self.double_quantized(name):
                 blocks = dq_num_blocks(groups[0] * groups[1])
                 tensors[f"{name}_q"] = (groups, torch.int8)
                 tensors[f"{name}_absmax"] = ((blocks,), torch.float32)
@@ -77,12 +92,19 @@ class WeightFormat:
 
     @classmethod
     def from_dict(cls, d: dict) -> WeightFormat:
-        unknown = set(d) - {"format", "bits", "group_size", "double_quant"}
+        unknown = set(d) - {"format", "bits", "group_size", "double_quant", "icq"}
         if unknown:
             raise LoquantError(f"unknown format fields: {', '.join(sorted(unknown))}")
         return cls(**d)
 
+    @classmethod
+    def from_record(cls, rec: dict) -> WeightFormat:
+        """The format of a saved layer record (quantization_config["layers"][name]), its other
+        keys ignored; `icq`, added later, is False where absent."""
+        fields = {k: rec[k] for k in ("format", "bits", "group_size", "double_quant")}
+        return cls.from_dict({**fields, "icq": rec.get("icq", False)})
+
     def describe(self) -> str:
         g = "ch" if self.group_size == -1 else f"g{self.group_size}"
         name = {"int": "INT", "int-sym": "INT-sym", "nf": "NF"}[self.format]
-        return f"{name}{self.bits} {g}" + (" dq" if self.double_quant else "")
+        return f"{name}{self.bits} {g}" + (" dq" if self.double_quant else "") + (" icq" if self.icq else "")

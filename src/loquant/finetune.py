@@ -1,0 +1,412 @@
+"""Fine-tuning on a quantized base: LoRA from a correction or from zero (+IEC), or QWHA.
+
+The base stays packed and frozen; only the adapter trains. `prepare` is the Python entry (its
+model works with transformers' Trainer); `run` is the `loquant finetune` command's loop, which
+writes an output folder that is itself a model:
+
+    OUT/config.json, model.safetensors, tokenizer   the base (its correction moved into the adapter)
+    OUT/finetune.json                               settings, status, log and final measurements
+    OUT/adapter/                                    the final adapter (PEFT LoRA, or loquant's WHT)
+    OUT/checkpoints/step-NNNNNN/                    resume points (adapter state, optimizer, step)
+
+Batches are drawn from seeded random offsets that depend only on (seed, step), so a resumed
+run sees exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from loquant.adapters.attach import add_lora, add_wht, save_adapter, take_corrections, trainable_state
+from loquant.data import calib_windows, eval_windows, load_text, tokenize
+from loquant.errors import LoquantError
+from loquant.evaluate import perplexity
+from loquant.model import linear_weight, quant_layers
+from loquant.serialization import atomic_dir, ensure_writable, save
+
+STATE_FILE = "finetune.json"
+ADAPTER_DIR = "adapter"
+CHECKPOINTS_DIR = "checkpoints"
+KEEP_CHECKPOINTS = 2
+
+
+@dataclass
+class FinetuneConfig:
+    """What `loquant finetune` does; the CLI flags map one to one.
+
+    adapter: `lora` or `wht` (QWHA). rank: LoRA rank (default: the base's correction rank,
+    else 16); for `wht`, `params` is the total number of trainable coefficients (default: what
+    LoRA at `rank` trains, layer by layer). init (LoRA): `correction` (default when the base has
+    one: its A and B become the adapter's start) or `zero` (QLoRA; the base's correction is
+    dropped). iec: IR-QLoRA's elastic connection. eval_data: held-out text (default: sotu-val
+    for sotu-calib, else the last 5% of the training tokens).
+    """
+
+    data: str = "sotu-calib"
+    eval_data: str | None = None
+    steps: int = 200
+    lr: float = 2e-4
+    batch_size: int = 8
+    seq_len: int = 512
+    adapter: str = "lora"
+    rank: int | None = None
+    params: int | None = None
+    init: str | None = None
+    iec: bool = False
+    lora_alpha: float | None = None
+    dropout: float = 0.0
+    warmup_steps: int | None = None
+    eval_every: int = 0
+    eval_windows: int = 8
+    save_every: int = 100
+    calib_samples: int = 64
+    calib_seq_len: int = 512
+    damping: float = 1e-8
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    bf16: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.adapter not in ("lora", "wht"):
+            raise LoquantError(f"unknown adapter {self.adapter!r}: choose lora or wht")
+        if self.init not in (None, "correction", "zero", "qwha"):
+            raise LoquantError(f"unknown init {self.init!r}: choose correction or zero")
+        if self.adapter == "wht" and (self.iec or self.init not in (None, "qwha")):
+            raise LoquantError("--iec and --init are LoRA options; the wht adapter starts from QWHA's init")
+        if self.adapter == "lora" and self.init == "qwha":
+            raise LoquantError("init qwha is the wht adapter's")
+        for name in ("steps", "batch_size", "save_every", "eval_windows", "calib_samples"):
+            if getattr(self, name) < 1:
+                raise LoquantError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.seq_len < 2 or self.lr <= 0 or self.eval_every < 0:
+            raise LoquantError("need seq_len >= 2, lr > 0 and eval_every >= 0")
+        if (self.rank is not None and self.rank < 1) or (self.params is not None and self.params < 1):
+            raise LoquantError("rank and params must be positive")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FinetuneConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def read_corpus(data: str) -> str:
+    """A built-in split, a .txt file, or a .jsonl file whose lines carry a "text" field."""
+    if not data.endswith(".jsonl"):
+        return load_text(data)
+    path = Path(data)
+    if not path.is_file():
+        raise LoquantError(f"data not found: {data}")
+    texts = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise LoquantError(f"{data}:{i}: not JSON: {err}") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise LoquantError(f'{data}:{i}: expected an object with a "text" string')
+        texts.append(record["text"])
+    if not texts:
+        raise LoquantError(f"{data}: no records")
+    return "\n\n".join(texts)
+
+
+def split_data(config: FinetuneConfig, tokenizer) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(training ids, held-out windows, description of the held-out text)."""
+    ids = tokenize(tokenizer, read_corpus(config.data))
+    if config.eval_data is not None:
+        if config.eval_data == config.data:
+            raise LoquantError("the held-out text is the training text: pick another --eval-data")
+        held, name = tokenize(tokenizer, read_corpus(config.eval_data)), config.eval_data
+    elif config.data == "sotu-calib":
+        held, name = tokenize(tokenizer, load_text("sotu-val")), "sotu-val"
+    else:
+        cut = int(ids.numel() * 0.95)
+        ids, held, name = ids[:cut], ids[cut:], f"last 5% of {config.data}"
+    if ids.numel() < config.seq_len + 1:
+        raise LoquantError(f"the training text has {ids.numel()} tokens, fewer than one window of {config.seq_len}")
+    windows = min(config.eval_windows, held.numel() // config.seq_len)
+    if windows < 1:
+        raise LoquantError(f"the held-out text ({name}) has {held.numel()} tokens, less than one window")
+    return ids, eval_windows(held, config.seq_len, windows), name
+
+
+def batch_at(ids: torch.Tensor, step: int, config: FinetuneConfig) -> torch.Tensor:
+    """The training batch of a step: a function of (seed, step) only, so resuming replays it."""
+    gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+    starts = torch.randint(0, ids.numel() - config.seq_len + 1, (config.batch_size,), generator=gen)
+    return torch.stack([ids[s : s + config.seq_len] for s in starts.tolist()])
+
+
+def load_base(path: str | os.PathLike):
+    """(quantized base without its correction, tokenizer, the removed corrections)."""
+    from transformers import AutoTokenizer
+
+    from loquant.serialization import load
+
+    model = load(path, adapter=False)
+    corrections = take_corrections(model)
+    return model, AutoTokenizer.from_pretrained(path), corrections
+
+
+def resolve(config: FinetuneConfig, corrections: dict) -> FinetuneConfig:
+    """Fill the defaults that depend on the base (rank, init) and check the combination."""
+    base_rank = next(iter(corrections.values()))[0].shape[0] if corrections else 0
+    if config.adapter == "wht":
+        init = "qwha"
+    else:
+        init = config.init or ("correction" if corrections else "zero")
+    if init == "correction" and not corrections:
+        raise LoquantError("the base has no correction to start from: use --init zero, or quantize with --rank")
+    rank = config.rank or base_rank or 16
+    if init == "correction" and config.rank is not None and rank != base_rank:
+        raise LoquantError(f"--init correction starts from the base's rank-{base_rank} correction: "
+                           f"give --rank {base_rank} or --init zero")  # fmt: skip
+    return FinetuneConfig.from_dict({**asdict(config), "rank": rank, "init": init})
+
+
+def qwha_supports(model: nn.Module, config: FinetuneConfig, calib: torch.Tensor, device, progress=True) -> dict:
+    """QWHA's initialization for every quantized layer: coefficients of the error W - deq(W)
+    chosen and refined against the float model's input statistics on `calib`."""
+    from loquant.adapters.wht import qwha_init
+    from loquant.calibration import collect
+    from loquant.sources import load_model
+
+    source = model.config.quantization_config.get("source_model")
+    if not source:
+        raise LoquantError("the wht adapter needs the float weights, and the base records no source_model")
+    float_model, _ = load_model(source)
+    float_model.to(device)
+    layers = quant_layers(model)
+    float_layers = {n: float_model.get_submodule(n) for n in layers}
+    stats = collect(float_model, calib, float_layers, progress=progress)
+    total = sum(m.in_features + m.out_features for m in layers.values())
+    budget = config.params if config.params is not None else config.rank * total
+    supports = {}
+    for name, layer in tqdm(layers.items(), desc="qwha init", disable=not progress, unit="layer"):
+        W = linear_weight(float_layers[name]).detach().float().to(device)
+        E = W - layer.dequantize(torch.float32).to(device)
+        share = round(budget * (layer.in_features + layer.out_features) / total)
+        supports[name] = qwha_init(E, stats[name].R.to(device), max(1, min(share, E.numel())), config.damping)
+    del float_model
+    return supports
+
+
+def attach(model: nn.Module, corrections: dict, config: FinetuneConfig, calib=None, device="cpu", progress=True):
+    """Put the configured adapter on a base from load_base (config already resolved)."""
+    if config.adapter == "lora":
+        init = corrections if config.init == "correction" else None
+        return add_lora(model, config.rank, alpha=config.lora_alpha, init=init, iec=config.iec, dropout=config.dropout)
+    if calib is None:
+        raise LoquantError("QWHA's initialization needs calibration windows")
+    return add_wht(model, qwha_supports(model, config, calib, device, progress))
+
+
+def prepare(path: str | os.PathLike, config: FinetuneConfig | None = None, *, device: str | None = None,
+            progress: bool = True):  # fmt: skip
+    """(trainable model, tokenizer) for a saved loquant model: the Python entry.
+
+    The base stays packed and frozen, only the adapter requires grad; the model is a
+    transformers model (a PeftModel for LoRA) that `transformers.Trainer` trains as is.
+    Gradient checkpointing follows config.gradient_checkpointing.
+    """
+    config = config or FinetuneConfig()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer, corrections = load_base(path)
+    config = resolve(config, corrections)
+    model.to(device)
+    calib = None
+    if config.adapter == "wht":
+        ids = tokenize(tokenizer, read_corpus(config.data))
+        calib = calib_windows(ids, config.calib_seq_len, config.calib_samples, config.seed)
+    model = attach(model, corrections, config, calib, device, progress)
+    if config.gradient_checkpointing:
+        enable_checkpointing(model)
+    return model, tokenizer
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    hf.config.use_cache = False
+
+
+def _write_state(out: Path, state: dict) -> None:
+    tmp = out / f".{STATE_FILE}.tmp"
+    tmp.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, out / STATE_FILE)
+
+
+def read_state(out: Path) -> dict | None:
+    path = Path(out) / STATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise LoquantError(f"{path}: corrupt: {err}") from None
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    return sorted((out / CHECKPOINTS_DIR).glob("step-*"))
+
+
+def _save_checkpoint(out: Path, model, optimizer, scheduler, step: int, log: list) -> None:
+    with atomic_dir(out / CHECKPOINTS_DIR / f"step-{step:06d}") as tmp:
+        save_file(trainable_state(model), tmp / "adapter_state.safetensors")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "log": log}) + "\n")
+    for old in _checkpoints(out)[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old)
+
+
+def _peak_memory(device) -> tuple[str, int]:
+    if torch.device(device).type == "cuda":
+        return "peak GPU memory allocated", torch.cuda.max_memory_allocated()
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return "peak process RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def run(base: str, out: str, config: FinetuneConfig, *, resume: bool = False, overwrite: bool = False,
+        device: str | None = None, progress: bool = True) -> dict:  # fmt: skip
+    """`loquant finetune`: train, checkpoint, evaluate, and write OUT (see the module docstring)."""
+    out = Path(out)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    state = read_state(out) if resume else None
+    if resume:
+        if state is None:
+            raise LoquantError(f"{out}: nothing to resume (no {STATE_FILE})")
+        if state["status"] == "done":
+            raise LoquantError(f"{out}: this run already finished")
+        if Path(state["base"]).resolve() != Path(base).resolve():
+            raise LoquantError(f"{out} fine-tunes {state['base']}, not {base}")
+        config = FinetuneConfig.from_dict(state["config"])
+    else:
+        ensure_writable(out, overwrite)
+        read_corpus(config.data)  # bad data fails before the model loads
+    model, tokenizer, corrections = load_base(out if resume else base)
+    if not resume:
+        config = resolve(config, corrections)
+    train_ids, held, held_name = split_data(config, tokenizer)
+    if not resume:
+        state = {"status": "running", "base": str(base), "config": asdict(config), "log": []}
+        save(model, out, tokenizer, overwrite=overwrite, extra_files={STATE_FILE: json.dumps(state, indent=2)})
+    model.to(device)
+    checkpoint = None
+    if resume:
+        if not _checkpoints(out):
+            raise LoquantError(f"{out}: no checkpoint to resume from")
+        checkpoint = _checkpoints(out)[-1]
+        saved = load_file(checkpoint / "adapter_state.safetensors")
+        if config.adapter == "wht":  # the supports come from the checkpoint
+            names = sorted(quant_layers(model))
+            model = add_wht(model, {n: tuple(saved[f"{n}.wht.{p}"] for p in ("rows", "cols", "values")) for n in names})
+        else:  # built empty, then filled from the checkpoint
+            model = attach(model, {}, FinetuneConfig.from_dict({**asdict(config), "init": "zero"}))
+        _load_trainable(model, saved)
+    else:
+        calib = None
+        if config.adapter == "wht":
+            calib = calib_windows(train_ids, config.calib_seq_len, config.calib_samples, config.seed)
+        model = attach(model, corrections, config, calib, device, progress)
+    if config.gradient_checkpointing:
+        enable_checkpointing(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    from transformers import get_cosine_schedule_with_warmup
+
+    warmup = config.warmup_steps if config.warmup_steps is not None else config.steps // 20
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, config.steps)
+    start, log = 0, list(state.get("log", []))
+    if checkpoint is not None:
+        opt = torch.load(checkpoint / "optimizer.pt", map_location=device, weights_only=True)
+        optimizer.load_state_dict(opt["optimizer"])
+        scheduler.load_state_dict(opt["scheduler"])
+        meta = json.loads((checkpoint / "state.json").read_text())
+        start, log = meta["step"], meta["log"]
+    bf16 = config.bf16 if config.bf16 is not None else torch.device(device).type == "cuda"
+    evaluate = lambda: perplexity(model, held, batch_size=config.batch_size, progress=False)["ppl"]  # noqa: E731
+    if checkpoint is None:
+        model.eval()
+        log.append({"step": 0, "eval_ppl": _autocast(device, bf16, evaluate)})
+        # Step 0 is a checkpoint too: the base in OUT no longer holds the correction the adapter started from.
+        _save_checkpoint(out, model, optimizer, scheduler, 0, log)
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    trained_tokens, train_seconds = 0, 0.0
+    bar = tqdm(range(start, config.steps), desc="finetune", disable=not progress, unit="step", initial=start,
+               total=config.steps)  # fmt: skip
+    for step in bar:
+        model.train()
+        tick = time.perf_counter()
+        batch = batch_at(train_ids, step, config).to(device)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        train_seconds += time.perf_counter() - tick
+        trained_tokens += batch.numel()
+        done = step + 1
+        entry = {"step": done, "loss": loss.item(), "lr": scheduler.get_last_lr()[0]}
+        if config.eval_every and (done % config.eval_every == 0 or done == config.steps):
+            model.eval()
+            entry["eval_ppl"] = _autocast(device, bf16, evaluate)
+        log.append(entry)
+        bar.set_postfix(loss=f"{entry['loss']:.3f}", **({"eval_ppl": f"{entry['eval_ppl']:.2f}"} if "eval_ppl" in entry
+                                                        else {}))  # fmt: skip
+        if done % config.save_every == 0 and done < config.steps:
+            _save_checkpoint(out, model, optimizer, scheduler, done, log)
+    bar.close()
+    model.eval()
+    if "eval_ppl" not in log[-1]:
+        log[-1]["eval_ppl"] = _autocast(device, bf16, evaluate)
+    memory_label, memory = _peak_memory(device)
+    result = {
+        "held_out": held_name,
+        "held_out_ppl_start": log[0]["eval_ppl"],
+        "held_out_ppl_end": log[-1]["eval_ppl"],
+        "trainable_params": sum(p.numel() for p in params),
+        "peak_memory_bytes": memory,
+        "peak_memory_kind": memory_label,
+        "tokens_per_second": trained_tokens / train_seconds if train_seconds else None,
+        "device": str(device),
+    }
+    adapter_dir = out / ADAPTER_DIR
+    with atomic_dir(adapter_dir, overwrite=True) as tmp:
+        save_adapter(model, tmp)
+    _write_state(out, {**state, "status": "done", "config": asdict(config), "log": log, "result": result})
+    shutil.rmtree(out / CHECKPOINTS_DIR, ignore_errors=True)
+    return {"model": model, **result}
+
+
+def _load_trainable(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    for name, tensor in saved.items():
+        if name.endswith((".wht.rows", ".wht.cols")):
+            continue
+        if name not in params:
+            raise LoquantError(f"checkpoint tensor {name} does not fit this adapter")
+        params[name].data.copy_(tensor)
+
+
+def _autocast(device, bf16: bool, fn):
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+        return fn()
