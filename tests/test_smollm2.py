@@ -99,3 +99,18 @@ def test_icq_raises_code_entropy_on_real_weights(smollm2, bits):
                 assert error[True] < error[False] - 0.005, (layer, name, error)
             else:  # see the docstring: the price in weight error stays small
                 assert error[True] < 1.04 * error[False], (layer, name, error)
+
+
+def test_transformers_from_pretrained_round_trip(smollm2, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = quantized(smollm2, format="int", bits=3, group_size=64)
+    loquant.save(model, tmp_path / "int3", smollm2[1])
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "int3")
+    theirs.save_pretrained(tmp_path / "again")
+    back = loquant.load(tmp_path / "again")
+    ids = torch.randint(0, 49152, (1, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+        assert torch.equal(theirs(input_ids=ids).logits, reference)
+        assert torch.equal(back(input_ids=ids).logits, reference)

@@ -1,5 +1,6 @@
 """loquant: low-bit LLM weights with 16-bit corrections."""
 
+from loquant import hf_quantizer  # noqa: F401  (registers the transformers quantizer)
 from loquant.errors import LoquantError
 from loquant.formats import WeightFormat
 from loquant.layers import QuantLinear

@@ -67,6 +67,13 @@ class QuantLinear(nn.Module):
         return cls.from_tensors(quantize_weight(weight, fmt), fmt, tuple(weight.shape), bias, weight.dtype)
 
     @classmethod
+    def from_record(cls, rec: dict, dtype: torch.dtype = torch.float32, device=None) -> QuantLinear:
+        """An empty layer shaped by one entry of quantization_config["layers"]."""
+        fmt = WeightFormat.from_record(rec)
+        return cls(rec["in_features"], rec["out_features"], fmt, bias=rec["bias"], rank=rec["rank"], dtype=dtype,
+                   device=device)  # fmt: skip
+
+    @classmethod
     def from_tensors(
         cls,
         tensors: dict[str, torch.Tensor],

@@ -141,6 +141,7 @@ def layer_record(layer: QuantLinear) -> dict:
 def update_quantization_config(model: nn.Module, source_model: str | None = None, recipe: dict | None = None) -> dict:
     """Record every QuantLinear's format in model.config.quantization_config."""
     previous = getattr(model.config, "quantization_config", None)
+    previous = previous.to_dict() if hasattr(previous, "to_dict") else previous  # from transformers' loader
     previous = previous if isinstance(previous, dict) and previous.get("quant_method") == QUANT_METHOD else {}
     qc = {
         "quant_method": QUANT_METHOD,

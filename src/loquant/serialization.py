@@ -25,7 +25,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from loquant.errors import LoquantError
-from loquant.formats import WeightFormat
 from loquant.layers import QuantLinear
 from loquant.model import QUANT_METHOD, quant_layers, update_quantization_config
 
@@ -171,11 +170,7 @@ def build_skeleton(config: dict) -> nn.Module:
     hf_config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     model = cls._from_config(hf_config, dtype=dtype)
     for name, rec in qc["layers"].items():
-        fmt = WeightFormat.from_record(rec)
-        layer = QuantLinear(
-            rec["in_features"], rec["out_features"], fmt, bias=rec["bias"], rank=rec["rank"], dtype=dtype
-        )
-        model.set_submodule(name, layer)
+        model.set_submodule(name, QuantLinear.from_record(rec, dtype))
     model.config.quantization_config = qc
     model.loquant_source = qc.get("source_model")
     return model.eval()
