@@ -39,9 +39,8 @@ def test_save_pretrained_writes_the_same_format_back(folder, tmp_path):
         assert torch.equal(back(IDS).logits, loquant.load(folder)(IDS).logits)
     # and loquant can save what transformers loaded
     loquant.save(theirs, tmp_path / "resaved")
-    assert loquant.load(tmp_path / "resaved").config.quantization_config["layers"] == back.config.quantization_config[
-        "layers"
-    ]
+    resaved = loquant.load(tmp_path / "resaved").config.quantization_config
+    assert resaved["layers"] == back.config.quantization_config["layers"]
 
 
 def test_from_pretrained_cannot_quantize_a_float_checkpoint(checkpoint):
