@@ -328,6 +328,22 @@ def cmd_merge(args) -> None:
     print(f"loquant merge {path} -> {out}: a {args.dtype} transformers model")
 
 
+def cmd_export(args) -> None:
+    if args.to == "merged":
+        cmd_merge(args)
+        return
+    import torch
+
+    from loquant.export import export_compressed_tensors
+
+    path, _ = _saved(args.dir)
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype]
+    r = export_compressed_tensors(path, args.out, dtype=dtype, overwrite=args.overwrite)
+    adapter = f", adapter/ (PEFT LoRA rank {r['adapter_rank']})" if r["adapter_rank"] else ""
+    print(f"loquant export {path} -> {args.out}: compressed-tensors {', '.join(r['schemes'])}, "
+          f"{r['layers']} layers{adapter}")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loquant", description="Low-bit LLM weights with 16-bit corrections.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -416,17 +432,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     helps = {
         "merge": "fold the adapter (or correction) into a 16-bit transformers model",
-        "export": "export a model for other tools (--to merged: a 16-bit transformers model)",
+        "export": "export a model for other tools (merged: 16-bit transformers; compressed-tensors: vLLM)",
     }
     for name, help_text in helps.items():
         m = sub.add_parser(name, help=help_text)
         m.add_argument("dir")
         if name == "export":
-            m.add_argument("--to", required=True, choices=["merged"], help="merged: W = deq(W) + corrections, 16-bit")
+            m.add_argument("--to", required=True, choices=["merged", "compressed-tensors"],
+                           help="merged: W = deq(W) + corrections, 16-bit; compressed-tensors: int-sym 4/8-bit "
+                           "pack-quantized + the correction as a PEFT LoRA in OUT/adapter")  # fmt: skip
         m.add_argument("--out", required=True, help="output folder (written atomically)")
         m.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
         m.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-        m.set_defaults(func=cmd_merge)
+        m.set_defaults(func=cmd_export if name == "export" else cmd_merge)
     return parser
 
 
