@@ -333,11 +333,9 @@ def test_folder_saved_without_icq_keys_still_loads(tmp_path):
     model = tiny_model("llama")
     quantize(model, QuantConfig(format="nf", bits=4), progress=False)
     loquant.save(model, tmp_path / "m")
-    cfg_path = tmp_path / "m" / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    for rec in cfg["quantization_config"]["layers"].values():
-        del rec["icq"]
-    cfg_path.write_text(json.dumps(cfg))
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    # without ICQ nothing about it is written: older loquant versions read the folder too
+    assert all("icq" not in rec for rec in cfg["quantization_config"]["layers"].values())
     back = loquant.load(tmp_path / "m")
     assert torch.equal(_logits(model), _logits(back))
     assert not back.model.layers[0].mlp.up_proj.fmt.icq

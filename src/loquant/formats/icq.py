@@ -66,7 +66,7 @@ def search_shift(
     lam: float = ICQ_LAMBDA,
     steps: int = ICQ_STEPS,
     sigma: float = ICQ_SIGMA,
-    chunk: int = 256,
+    chunk: int = 1024,
 ) -> torch.Tensor:
     """The entropy-maximizing shift τ of each group of w_grouped (..., group): float32, shape (...).
 

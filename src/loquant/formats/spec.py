@@ -88,7 +88,10 @@ class WeightFormat:
         return tensors
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not d["icq"]:  # folders without ICQ stay readable by loquant versions before it
+            del d["icq"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> WeightFormat:
