@@ -118,7 +118,7 @@ def test_run_writes_a_model_folder_that_peft_reloads(corrected, texts, tmp_path,
     code, printed, _ = run_cli(
         capsys, "finetune", corrected, "--data", texts / "train.txt", "--eval-data", texts / "held.txt",
         "--steps", "4", "--batch-size", "2", "--seq-len", "32", "--eval-every", "2", "--eval-windows", "2",
-        "--lr", "1e-2", "--out", out,
+        "--lr", "1e-2", "--device", "cpu", "--out", out,
     )  # fmt: skip
     assert code == 0, printed
     assert "peak process RSS" in printed and "tokens per second" in printed
