@@ -222,3 +222,19 @@ def test_bad_correction_input(case, checkpoint, corpus, tmp_path, capsys):
     code, _, err = run(capsys, "quantize", checkpoint, *flags, "--out", tmp_path / "m")
     assert code == 2 and message in err, err
     assert not (tmp_path / "m").exists()
+
+
+def test_quantizer_flags(checkpoint, corpus, tmp_path, capsys):
+    import json
+
+    for flags in (["--quantizer", "gptq", "--act-order", "--calib", corpus, "--calib-samples", "4",
+                   "--calib-seq-len", "32"], ["--quantizer", "hqq"]):  # fmt: skip
+        out = tmp_path / flags[1]
+        code, _, err = run(capsys, "quantize", checkpoint, "--bits", "3", "--group-size", "32", *flags, "--out", out)
+        assert code == 0, err
+        recipe = json.loads((out / "config.json").read_text())["quantization_config"]["recipe"]
+        assert recipe["quantizer"] == flags[1] and recipe["act_order"] == ("--act-order" in flags)
+    code, _, err = run(capsys, "quantize", checkpoint, "--format", "nf", "--quantizer", "hqq", "--out", tmp_path / "x")
+    assert code == 2 and "--format int" in err and not (tmp_path / "x").exists()
+    code, _, err = run(capsys, "quantize", checkpoint, "--act-order", "--out", tmp_path / "y")
+    assert code == 2 and "--quantizer gptq" in err

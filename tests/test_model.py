@@ -115,3 +115,45 @@ def test_correction_input_errors():
         QuantConfig(method="loftq", rank=4, sequential=True)
     with pytest.raises(LoquantError, match="--iters"):
         QuantConfig(method="svd", rank=4, iters=3)
+
+
+def output_error(config) -> float:
+    """Σ over layers of tr(E R Eᵀ), E = W - deq(W), R from the float model's inputs on CALIB."""
+    from loquant.calibration import collect
+    from loquant.model import _targets
+
+    float_model = tiny_model("llama")
+    layers = {name: module for name, module, _, _ in _targets(float_model, config)}
+    stats = collect(float_model, CALIB, layers, progress=False)
+    model = quantize(tiny_model("llama"), config, calib=CALIB, progress=False)
+    total = 0.0
+    for name, layer in quant_layers(model).items():
+        E = layers[name].weight.detach().double() - layer.dequantize(torch.float64)
+        total += torch.trace(E @ stats[name].R @ E.T).item()
+    return total
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_gptq_base_lowers_the_output_error_and_corrections_run_on_it(sequential):
+    rtn = output_error(QuantConfig(bits=2, group_size=32))
+    assert output_error(QuantConfig(bits=2, group_size=32, quantizer="gptq", sequential=sequential)) < 0.8 * rtn
+    gptq, model = logit_error("llama", QuantConfig(bits=2, group_size=32, quantizer="gptq"))
+    assert model.config.quantization_config["recipe"]["quantizer"] == "gptq"
+    corrected, model = logit_error(
+        "llama", QuantConfig(bits=2, group_size=32, quantizer="gptq", method="qera-exact", rank=8)
+    )
+    assert corrected < gptq and all(layer.rank == 8 for layer in quant_layers(model).values())
+
+
+def test_hqq_base_runs_under_loftq():
+    err, model = logit_error("llama", QuantConfig(bits=2, group_size=32, quantizer="hqq", method="loftq", rank=4))
+    base, _ = logit_error("llama", QuantConfig(bits=2, group_size=32, quantizer="hqq"))
+    assert err < base and model.config.quantization_config["recipe"]["quantizer"] == "hqq"
+
+
+def test_quantizer_input_errors():
+    with pytest.raises(LoquantError, match="unknown quantizer"):
+        QuantConfig(quantizer="awq")
+    with pytest.raises(LoquantError, match="needs calibration"):
+        quantize(tiny_model("llama"), QuantConfig(quantizer="gptq"), progress=False)
+    assert QuantConfig(quantizer="gptq").needs_calibration and not QuantConfig(quantizer="hqq").needs_calibration

@@ -12,7 +12,7 @@ from loquant.corrections import METHODS
 from loquant.data import calib_windows, eval_windows, load_text, tokenize
 from loquant.errors import LoquantError
 from loquant.evaluate import perplexity
-from loquant.model import QuantConfig, quant_layers, quantize
+from loquant.model import QUANTIZERS, QuantConfig, quant_layers, quantize
 from loquant.serialization import ensure_writable, read_config, save, tensor_nbytes
 from loquant.sources import load_model
 from loquant.storage import memory_bytes, model_bits_per_weight, storage_report
@@ -90,6 +90,8 @@ def cmd_quantize(args) -> None:
         exclude=args.exclude or [],
         overrides=overrides,
         method=args.method,
+        quantizer=args.quantizer,
+        act_order=args.act_order,
         rank=args.rank,
         iters=args.iters,
         fisher=args.fisher,
@@ -361,6 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--plan", help="re-apply a plan.json written by an earlier budgeted run")
     q.add_argument("--double-quant", action="store_true", help="8-bit scales in blocks of 256 (QLoRA)")
     q.add_argument("--icq", action="store_true", help="nf only: per-group shift maximizing code entropy (IR-QLoRA)")
+    q.add_argument(
+        "--quantizer", default="rtn", choices=QUANTIZERS, help="base quantizer: rtn (default), gptq (calibrated), hqq"
+    )
+    q.add_argument("--act-order", action="store_true", help="gptq: quantize columns by descending input energy")
     q.add_argument("--rank", type=int, default=0, help="rank of the 16-bit correction (0 = none)")
     q.add_argument("--method", default="svd", choices=METHODS, help="how the correction is computed (default svd)")
     q.add_argument("--iters", type=int, help="loftq: iterations (5); lqlora, lqer, qera-*: alternation cap (20; 1)")

@@ -10,14 +10,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from loquant.calibration import Calibration, block_list, collect, fisher_diagonal, run_sequential
+from loquant.calibration import Calibration, InputStats, block_list, collect, fisher_diagonal, run_sequential
 from loquant.corrections import DEFAULT_ITERS, METHODS, NEEDS_STATS, correct
+from loquant.corrections.methods import Quantizer
 from loquant.errors import LoquantError
-from loquant.formats import WeightFormat
+from loquant.formats import WeightFormat, quantize_weight
 from loquant.layers import QuantLinear
 
 QUANT_METHOD = "loquant"
 FORMAT_VERSION = 1
+# rtn: round to nearest; gptq: error feedback through the inverse Hessian of the inputs (needs
+# calibration); hqq: half-quadratic optimization of the zero points (no data, `int` format only).
+QUANTIZERS = ("rtn", "gptq", "hqq")
 
 try:  # GPT-2 style layers store the weight as (in, out)
     from transformers.pytorch_utils import Conv1D
@@ -36,6 +40,8 @@ class QuantConfig:
     `{"*.down_proj": {"bits": 8}}`. `icq` (nf only) shifts each group by IR-QLoRA's
     entropy-maximizing τ (WeightFormat.icq).
 
+    Base quantizer: `quantizer` (QUANTIZERS); every correction runs on its output, and
+    LoftQ / LQ-LoRA alternate with it.
     Correction: `method` (see loquant.corrections.METHODS) at `rank` (0 = none); `iters` for
     loftq (default 5) and as lqlora's cap (default 20); `fisher` weights lqlora by the
     diagonal Fisher; `damping` clamps R's eigenvalues at that fraction of the largest;
@@ -52,6 +58,8 @@ class QuantConfig:
     exclude: list[str] = field(default_factory=list)
     overrides: dict[str, dict] = field(default_factory=dict)
     method: str = "none"
+    quantizer: str = "rtn"
+    act_order: bool = False
     rank: int = 0
     iters: int | None = None
     fisher: bool = False
@@ -64,6 +72,10 @@ class QuantConfig:
         self.base_format()  # validate early, before any layer is touched
         for pattern in self.overrides:
             self.format_for(pattern)
+        if self.quantizer not in QUANTIZERS:
+            raise LoquantError(f"unknown quantizer {self.quantizer!r}: choose one of {', '.join(QUANTIZERS)}")
+        if self.act_order and self.quantizer != "gptq":
+            raise LoquantError("--act-order orders GPTQ's columns: use it with --quantizer gptq")
         if self.method not in METHODS:
             raise LoquantError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
         if self.rank < 0:
@@ -72,8 +84,8 @@ class QuantConfig:
             raise LoquantError("--fisher weights the lqlora method only")
         if self.iters is not None and (self.method not in DEFAULT_ITERS or self.iters < 1):
             raise LoquantError("--iters takes a positive count, for loftq, lqlora, lqer or qera-*")
-        if self.sequential and not (self.rank > 0 and self.method in NEEDS_STATS):
-            raise LoquantError("--sequential calibrates lqer, qera-approx or qera-exact at a rank above 0")
+        if self.sequential and not self.needs_stats:
+            raise LoquantError("--sequential calibrates gptq, or lqer, qera-approx or qera-exact at a rank above 0")
         if not self.damping >= 0:
             raise LoquantError(f"damping must be 0 or more, got {self.damping}")
 
@@ -82,8 +94,13 @@ class QuantConfig:
         return self.rank > 0 and self.method != "none"
 
     @property
+    def needs_stats(self) -> bool:
+        """Whether the layers' input statistics are needed (GPTQ's Hessian, activation-aware methods)."""
+        return self.quantizer == "gptq" or (self.corrects and self.method in NEEDS_STATS)
+
+    @property
     def needs_calibration(self) -> bool:
-        return self.corrects and (self.method in NEEDS_STATS or self.fisher)
+        return self.needs_stats or (self.corrects and self.fisher)
 
     def base_format(self) -> WeightFormat:
         return WeightFormat(self.format, self.bits, self.group_size, self.double_quant, self.icq)
@@ -105,6 +122,8 @@ class QuantConfig:
     def record(self) -> dict:
         """What the saved config says about how the model was made."""
         return {
+            "quantizer": self.quantizer,
+            "act_order": self.act_order,
             "method": self.method if self.corrects else "none",
             "rank": self.rank if self.corrects else 0,
             "iters": self.iters or DEFAULT_ITERS.get(self.method) if self.corrects else None,
@@ -196,15 +215,17 @@ def quantize(
         for name, module, weight, fmt in chosen:
             start = time.perf_counter()
             try:
+                layer_stats = stats[name] if stats is not None and name in stats else None
                 result = correct(
                     weight,
                     fmt,
                     config.method,
                     config.rank,
-                    stats=stats[name] if stats is not None and name in stats else None,
+                    stats=layer_stats,
                     fisher=fisher[name] if fisher else None,
                     iters=config.iters,
                     damping=config.damping,
+                    quantizer=base_quantizer(config.quantizer, layer_stats, act_order=config.act_order),
                 )
             except LoquantError as err:
                 raise LoquantError(f"layer {name}: {err}") from None
@@ -215,7 +236,7 @@ def quantize(
             bar.update()
         return built
 
-    needs_stats = config.corrects and config.method in NEEDS_STATS
+    needs_stats = config.needs_stats
     with tqdm(total=len(targets), desc="quantize", disable=not progress, unit="layer") as bar:
         if needs_stats and config.sequential:
 
@@ -238,6 +259,21 @@ def quantize(
     update_quantization_config(model, config.source_model or source_name(model), config.record())
     model.loquant_timings = timings
     return model
+
+
+def base_quantizer(name: str, stats: InputStats | None = None, *, act_order: bool = False) -> Quantizer:
+    """The (W, fmt) -> stored tensors function of a base quantizer; GPTQ reads the layer's R."""
+    if name == "rtn":
+        return quantize_weight
+    if name == "hqq":
+        from loquant.quantizers.hqq import hqq_quantize
+
+        return lambda W, fmt: hqq_quantize(W.float(), fmt)
+    if stats is None:
+        raise LoquantError("gptq needs calibration statistics of the layer inputs")
+    from loquant.quantizers.gptq import gptq_quantize
+
+    return lambda W, fmt: gptq_quantize(W.float(), fmt, stats.R.to(W.device), act_order=act_order)
 
 
 def _targets(model: nn.Module, config: QuantConfig) -> list[tuple[str, nn.Module, torch.Tensor, WeightFormat]]:
