@@ -12,6 +12,11 @@ def run(capsys, *argv):
     return code, out, err
 
 
+def tiny_calib(corpus, samples: int = 8) -> list:
+    """Calibration flags small enough for the tiny test models."""
+    return ["--calib", corpus, "--calib-samples", str(samples), "--calib-seq-len", "32"]
+
+
 def one_json_line(out: str) -> dict:
     lines = out.strip().splitlines()
     assert len(lines) == 1, out

@@ -19,7 +19,7 @@ from loquant.formats import WeightFormat, fake_quantize, quantize_weight
 from loquant.model import _targets
 from loquant.storage import storage_report
 
-from cli_helpers import run
+from cli_helpers import run, tiny_calib
 from tiny_models import tiny_model
 
 
@@ -123,19 +123,7 @@ def test_budget_with_correction_counts_it():
 
 def test_cli_budget_plan_and_reapply(checkpoint, corpus, tmp_path, capsys):
     code, out, err = run(
-        capsys,
-        "quantize",
-        checkpoint,
-        "--budget",
-        "3.0",
-        "--calib",
-        corpus,
-        "--calib-samples",
-        "8",
-        "--calib-seq-len",
-        "32",
-        "--out",
-        tmp_path / "a",
+        capsys, "quantize", checkpoint, "--budget", "3.0", *tiny_calib(corpus), "--out", tmp_path / "a"
     )
     assert code == 0, err
     assert "bits per weight by layer type" in out and "HiGHS" in out
@@ -180,23 +168,8 @@ def test_fisher_error_is_the_weighted_squared_error():
 
 
 def test_cli_fisher_budget(checkpoint, corpus, tmp_path, capsys):
-    code, _, err = run(
-        capsys,
-        "quantize",
-        checkpoint,
-        "--budget",
-        "3.5",
-        "--alloc-error",
-        "fisher",
-        "--calib",
-        corpus,
-        "--calib-samples",
-        "4",
-        "--calib-seq-len",
-        "32",
-        "--out",
-        tmp_path / "m",
-    )
+    flags = ["--budget", "3.5", "--alloc-error", "fisher", *tiny_calib(corpus, 4)]
+    code, _, err = run(capsys, "quantize", checkpoint, *flags, "--out", tmp_path / "m")
     assert code == 0, err
     code, out, _ = run(capsys, "info", tmp_path / "m", "--json")
     assert json.loads(out)["base_bits_per_weight"] <= 3.5

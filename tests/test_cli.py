@@ -8,7 +8,7 @@ import torch
 
 from loquant.cli import main
 
-from cli_helpers import one_json_line, run
+from cli_helpers import one_json_line, run, tiny_calib
 from tiny_models import tiny_checkpoint, tiny_model
 
 EVAL = ["--seq-len", "32", "--windows", "4"]
@@ -163,27 +163,8 @@ def test_too_few_windows(quantized_dir, corpus, capsys):
 
 def test_quantize_with_correction_then_report(checkpoint, corpus, tmp_path, capsys):
     out = tmp_path / "q"
-    code, text, _ = run(
-        capsys,
-        "quantize",
-        checkpoint,
-        "--bits",
-        "2",
-        "--group-size",
-        "32",
-        "--rank",
-        "4",
-        "--method",
-        "qera-exact",
-        "--calib",
-        corpus,
-        "--calib-samples",
-        "8",
-        "--calib-seq-len",
-        "32",
-        "--out",
-        out,
-    )
+    flags = ["--bits", "2", "--group-size", "32", "--rank", "4", "--method", "qera-exact", *tiny_calib(corpus)]
+    code, text, _ = run(capsys, "quantize", checkpoint, *flags, "--out", out)
     assert code == 0 and "qera-exact r4" in text
     code, text, _ = run(capsys, "info", out, "--json")
     info = one_json_line(text)
@@ -227,8 +208,7 @@ def test_bad_correction_input(case, checkpoint, corpus, tmp_path, capsys):
 def test_quantizer_flags(checkpoint, corpus, tmp_path, capsys):
     import json
 
-    for flags in (["--quantizer", "gptq", "--act-order", "--calib", corpus, "--calib-samples", "4",
-                   "--calib-seq-len", "32"], ["--quantizer", "hqq"]):  # fmt: skip
+    for flags in (["--quantizer", "gptq", "--act-order", *tiny_calib(corpus, 4)], ["--quantizer", "hqq"]):
         out = tmp_path / flags[1]
         code, _, err = run(capsys, "quantize", checkpoint, "--bits", "3", "--group-size", "32", *flags, "--out", out)
         assert code == 0, err

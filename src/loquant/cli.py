@@ -273,33 +273,12 @@ def cmd_report(args) -> None:
 
 
 def cmd_finetune(args) -> None:
+    from dataclasses import fields
+
     from loquant.finetune import FinetuneConfig, run
 
-    config = FinetuneConfig(
-        data=args.data,
-        eval_data=args.eval_data,
-        steps=args.steps,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        seq_len=args.seq_len,
-        adapter=args.adapter,
-        rank=args.rank,
-        params=args.params,
-        init=args.init,
-        iec=args.iec,
-        lora_alpha=args.lora_alpha,
-        dropout=args.dropout,
-        warmup_steps=args.warmup_steps,
-        eval_every=args.eval_every,
-        eval_windows=args.eval_windows,
-        save_every=args.save_every,
-        calib_samples=args.calib_samples,
-        calib_seq_len=args.calib_seq_len,
-        damping=args.damping,
-        seed=args.seed,
-        gradient_checkpointing=args.gradient_checkpointing,
-        bf16=args.bf16,
-    )
+    # every FinetuneConfig field is a flag of the same name
+    config = FinetuneConfig(**{f.name: getattr(args, f.name) for f in fields(FinetuneConfig)})
     _saved(args.dir)
     result = run(args.dir, args.out, config, resume=args.resume, overwrite=args.overwrite, device=args.device)
     tps = result["tokens_per_second"]

@@ -33,7 +33,7 @@ from loquant.adapters.attach import add_lora, add_wht, save_adapter, take_correc
 from loquant.data import calib_windows, eval_windows, load_text, tokenize
 from loquant.errors import LoquantError
 from loquant.evaluate import perplexity
-from loquant.model import linear_weight, quant_layers
+from loquant.model import hf_model, linear_weight, quant_layers
 from loquant.serialization import atomic_dir, ensure_writable, save
 
 STATE_FILE = "finetune.json"
@@ -239,7 +239,7 @@ def prepare(path: str | os.PathLike, config: FinetuneConfig | None = None, *, de
 
 
 def enable_checkpointing(model: nn.Module) -> None:
-    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hf = hf_model(model)
     hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     hf.config.use_cache = False
 

@@ -143,6 +143,11 @@ def linear_weight(module: nn.Module) -> torch.Tensor | None:
     return None
 
 
+def hf_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PeftModel (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def quant_layers(model: nn.Module) -> dict[str, QuantLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 

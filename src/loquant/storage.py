@@ -7,7 +7,7 @@ import torch
 from loquant.errors import LoquantError
 from loquant.formats import WeightFormat
 from loquant.layers import QuantLinear
-from loquant.model import quant_layers
+from loquant.model import hf_model, quant_layers
 
 CORRECTION_TENSORS = ("A", "B")
 
@@ -70,7 +70,7 @@ def memory_bytes(module) -> int:
 def model_bits_per_weight(model: torch.nn.Module) -> float:
     """Measured bits per weight of the quantized layers, counting their corrections and any
     trained adapter (at the dtype it is kept in); for a float model, its dtype's bits."""
-    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hf = hf_model(model)
     layers = quant_layers(hf)
     if not layers:
         weight = next(m.weight for m in hf.modules() if isinstance(m, torch.nn.Linear))

@@ -26,7 +26,7 @@ from loquant.adapters.lora import LoraQuantLinear, lora_config, lora_layers, pef
 from loquant.adapters.wht import WHTAdapter
 from loquant.errors import LoquantError
 from loquant.layers import QuantLinear
-from loquant.model import quant_layers
+from loquant.model import hf_model, quant_layers
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -204,12 +204,7 @@ def load_adapter(base: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     raise LoquantError(f"{path}: no adapter ({PEFT_CONFIG} or {WHT_CONFIG})")
 
 
-def _hf_model(model: nn.Module) -> nn.Module:
-    """The transformers model inside a PeftModel (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _original_types(model: nn.Module, names: list[str]) -> dict[str, type]:
+def original_types(model: nn.Module, names: list[str]) -> dict[str, type]:
     """Which layer class (Linear or GPT-2's Conv1D) the architecture has at each name; built on meta."""
     with torch.device("meta"):
         skeleton = getattr(transformers, type(model).__name__)._from_config(model.config)
@@ -223,7 +218,7 @@ def merge(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     Works on a loquant model with a LoRA (PEFT) or WHT adapter, or none (then the saved
     low-rank correction is folded). The result has no loquant layer and no quantization_config.
     """
-    hf = _hf_model(model)
+    hf = hf_model(model)
     wrapped = {n: m for n, m in hf.named_modules() if isinstance(m, (LoraQuantLinear, WHTLinear))}
     inner = {f"{n}.base_layer" for n in wrapped}
     plain = {n: m for n, m in quant_layers(hf).items() if n not in inner}
@@ -240,7 +235,7 @@ def merge(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
         merged[name] = (W, base.bias)
     if not merged:
         raise LoquantError("nothing to merge: the model has no quantized layer")
-    types = _original_types(hf, list(merged))
+    types = original_types(hf, list(merged))
     for name, (W, bias) in merged.items():
         if types[name] is Conv1D:
             layer = Conv1D(W.shape[0], W.shape[1])

@@ -53,8 +53,14 @@ class LoraQuantLinear(nn.Module, LoraLayer):
 
     def enable_iec(self, adapter_name: str = "default") -> None:
         """Add the two IEC scalars, at zero so the layer's output does not change."""
-        device = self.lora_A[adapter_name].weight.device
-        self.iec_beta[adapter_name] = nn.Parameter(torch.zeros(2, device=device))
+        A = self.lora_A[adapter_name].weight
+        B = self.lora_B[adapter_name].weight
+        self.iec_beta[adapter_name] = nn.Parameter(torch.zeros(2, device=A.device))
+        # P and U are fixed: built once, not per forward; not saved (they follow from the shapes).
+        self.register_buffer(f"iec_pool_{adapter_name}", pool_matrix(A.shape[1], A.shape[0]).to(A), persistent=False)
+        self.register_buffer(
+            f"iec_repeat_{adapter_name}", repeat_matrix(B.shape[0], A.shape[0]).to(B), persistent=False
+        )
 
     def lora_pair(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A', B') with IEC folded in, float32."""
@@ -62,9 +68,8 @@ class LoraQuantLinear(nn.Module, LoraLayer):
         B = self.lora_B[adapter].weight
         if adapter in self.iec_beta:
             beta = self.iec_beta[adapter]
-            r = A.shape[0]
-            A = A + beta[0] * pool_matrix(A.shape[1], r).to(A)
-            B = B + beta[1] * repeat_matrix(B.shape[0], r).to(B)
+            A = A + beta[0] * getattr(self, f"iec_pool_{adapter}")
+            B = B + beta[1] * getattr(self, f"iec_repeat_{adapter}")
         return A, B
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:

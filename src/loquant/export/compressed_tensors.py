@@ -27,14 +27,14 @@ import os
 from pathlib import Path
 
 import torch
-import transformers
 from safetensors.torch import save_file
 from torch import nn
 
+from loquant.adapters.attach import original_types
 from loquant.errors import LoquantError
 from loquant.formats.codec import unpack_codes
 from loquant.layers import QuantLinear
-from loquant.model import quant_layers
+from loquant.model import hf_model, quant_layers
 from loquant.serialization import WEIGHTS, atomic_dir, ensure_writable, read_config
 
 QUANT_METHOD = "compressed-tensors"
@@ -121,12 +121,6 @@ def _check_fused(schemes: dict[str, tuple], linear: set[str]) -> None:
                 )
 
 
-def _original_types(model: nn.Module, names: list[str]) -> dict[str, type]:
-    with torch.device("meta"):
-        skeleton = getattr(transformers, type(model).__name__)._from_config(model.config)
-    return {n: type(skeleton.get_submodule(n)) for n in names}
-
-
 def _lora_pairs(hf: nn.Module, layers: dict[str, QuantLinear]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per layer (A, B) float32 with W = deq(W) + B·A: the correction and any LoRA adapter,
     stacked along the rank (exact), LoRA scaling folded into B."""
@@ -198,9 +192,9 @@ def export_compressed_tensors(
         )
     ensure_writable(out, overwrite)
     model = load(src)
-    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hf = hf_model(model)
     layers = {n.removesuffix(".base_layer"): m for n, m in quant_layers(hf).items()}
-    types = _original_types(hf, list(layers))
+    types = original_types(hf, list(layers))
     if any(t is not nn.Linear for t in types.values()):
         odd = next(n for n, t in types.items() if t is not nn.Linear)
         raise LoquantError(f"layer {odd} is a {types[odd].__name__}, not nn.Linear: compressed-tensors targets "
