@@ -235,3 +235,22 @@ def test_data_errors_are_clear(tmp_path, corrected, plain, texts):
     with pytest.raises(LoquantError, match="held-out text is the training text"):
         run(corrected, tmp_path / "x", config(texts, eval_data=str(texts / "train.txt")), progress=False)
     assert not (tmp_path / "x").exists()
+
+
+def test_a_diverging_run_stops_with_a_clear_error_and_loads_nothing(corrected, texts, tmp_path):
+    with pytest.raises(LoquantError, match="diverged"):
+        run(corrected, tmp_path / "nan", config(texts, lr=1e30), device="cpu", progress=False)
+    with pytest.raises(LoquantError, match="unfinished"):
+        loquant.load(tmp_path / "nan")
+
+
+def test_a_corrupt_or_missing_adapter_names_the_file(corrected, texts, tmp_path):
+    out = tmp_path / "ft"
+    run(corrected, out, config(texts), device="cpu", progress=False)
+    weights = out / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(LoquantError, match="adapter_model.safetensors: truncated"):
+        loquant.load(out)
+    weights.unlink()
+    with pytest.raises(LoquantError, match="adapter_model.safetensors: missing"):
+        loquant.load(out)

@@ -355,6 +355,8 @@ def run(base: str, out: str, config: FinetuneConfig, *, resume: bool = False, ov
         batch = batch_at(train_ids, step, config).to(device)
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
             loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+        if not torch.isfinite(loss):  # stop before a NaN reaches the adapter; OUT stays unfinished
+            raise LoquantError(f"step {step + 1}: the loss is {loss.item()}: training diverged, lower --lr")
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()

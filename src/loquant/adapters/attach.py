@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -183,17 +184,21 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike) -> Path:
 
 def load_adapter(base: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     """Attach a saved adapter to a loquant base (loaded with adapter=False)."""
+    from loquant.serialization import read_header
+
     path = Path(adapter_dir)
     if (path / PEFT_CONFIG).is_file():
         from peft import PeftModel
 
+        read_header(path / PEFT_WEIGHTS)  # missing, truncated or corrupt: a clear error before PEFT reads it
         freeze_base(base)
         try:
             with _quiet_peft():
                 return PeftModel.from_pretrained(base, str(path), config=peft_config(path))
-        except (ValueError, RuntimeError, OSError) as err:
+        except (ValueError, RuntimeError, OSError, SafetensorError) as err:
             raise LoquantError(f"{path}: cannot load the PEFT adapter: {str(err).splitlines()[0]}") from None
     if (path / WHT_CONFIG).is_file():
+        read_header(path / WHT_WEIGHTS)
         try:
             tensors = load_file(path / WHT_WEIGHTS)
         except Exception as err:  # safetensors raises several types for bad files
