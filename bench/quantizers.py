@@ -7,7 +7,13 @@ non-overlapping windows: sotu-test 40 x 512, and sotu-val 40 x 512 as the other 
 speed: one Llama-2-7B block (q, k, v, o 4096x4096; gate, up 11008x4096; down 4096x11008) with
 random weights and random correlated R; per-block seconds and peak memory, x32 for the model.
 
+rilq: INT2 g64 rank 64, closed-form corrections against RILQ trained from them. Each row
+calibrates on its own sotu-calib windows (64 or 256 x 512, seed 0); RILQ trains on those
+windows and stops early on the first 8 x 512 windows of sotu-val, so its sotu-val column is
+not independent text (sotu-test is).
+
     python bench/quantizers.py quality [--device cuda] [--only "INT3 g64 gptq" ...]
+    python bench/quantizers.py rilq [--device cuda] [--only ...]
     python bench/quantizers.py speed [--device cuda]
 """
 
@@ -26,6 +32,7 @@ from loquant.data import calib_windows, eval_windows, load_text, tokenize
 from loquant.evaluate import perplexity
 from loquant.formats import WeightFormat, quantize_weight
 from loquant.model import QuantConfig, _targets, base_quantizer, quantize
+from loquant.rilq import RilqConfig
 from loquant.sources import load_model
 
 ROWS = [  # label, QuantConfig fields
@@ -59,6 +66,20 @@ ROWS = [  # label, QuantConfig fields
     ("INT2 g64 gptq + qera-exact r64", dict(bits=2, group_size=64, quantizer="gptq", method="qera-exact", rank=64)),
     ("INT2 g64 hqq + qera-exact r64", dict(bits=2, group_size=64, quantizer="hqq", method="qera-exact", rank=64)),
 ]
+
+
+BEST_INT2 = dict(bits=2, group_size=64, quantizer="gptq", act_order=True, sequential=True, rank=64)
+RILQ_ROWS = [  # label, calibration windows, QuantConfig fields
+    ("rtn + qera-exact r64", 64, dict(bits=2, group_size=64, method="qera-exact", rank=64)),
+    ("gptq act-order seq + qera-exact r64", 64, dict(BEST_INT2, method="qera-exact")),
+    ("gptq act-order seq + qera-exact r64", 256, dict(BEST_INT2, method="qera-exact")),
+    ("gptq act-order seq + qera-exact r64 iters 5", 256, dict(BEST_INT2, method="qera-exact", iters=5)),
+    ("rtn + qera-exact r64 -> rilq", 256, dict(bits=2, group_size=64, method="rilq", rank=64)),
+    ("gptq act-order seq + qera-exact r64 -> rilq", 256, dict(BEST_INT2, method="rilq")),
+    ("gptq act-order seq + qera-exact r64 -> rilq lr 1e-3", 256, dict(BEST_INT2, method="rilq", rilq=dict(lr=1e-3))),
+    ("gptq act-order seq + qera-exact r64 -> rilq lm loss only", 256,
+     dict(BEST_INT2, method="rilq", rilq=dict(hidden_weight=0.0))),
+]  # fmt: skip
 
 
 def _ppl(model, windows, device) -> float:
@@ -104,6 +125,41 @@ def quality(args) -> None:
         print(f"| {r['config']} | {r['test']:.2f} | {r['val']:.2f} | {r['seconds']:.1f} |")
 
 
+def rilq(args) -> None:
+    model, tokenizer = load_model("smollm2-135m")
+    model.to(args.device)
+    test = eval_windows(tokenize(tokenizer, load_text("sotu-test")), 512, 40)
+    val = eval_windows(tokenize(tokenizer, load_text("sotu-val")), 512, 40)
+    calib_ids = tokenize(tokenizer, load_text("sotu-calib"))
+    results = []
+    for label, samples, fields in [r for r in RILQ_ROWS if not args.only or r[0] in args.only]:
+        q = copy.deepcopy(model)
+        calib = calib_windows(calib_ids, 512, samples, 0)
+        fields = dict(fields, rilq=RilqConfig(**fields.get("rilq", {}), device=args.device))
+        start = time.perf_counter()
+        quantize(q, QuantConfig(**fields), calib=calib, held_out=val[:8], progress=False)
+        seconds = time.perf_counter() - start
+        record = q.config.quantization_config["recipe"].get("rilq")
+        row = {
+            "config": label,
+            "calib": samples,
+            "seconds": seconds,
+            "test": _ppl(q, test, args.device),
+            "val": _ppl(q, val, args.device),
+            "rilq": record and {k: v for k, v in record.items() if k != "log"},
+        }
+        results.append(row)
+        print(json.dumps(row), flush=True)
+        del q
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    print(f"\nsmollm2-135m INT2 g64, rank 64; token-level ppl, sotu-test and sotu-val 40 x 512; {device}\n")
+    print("| config | calib windows | RILQ best step / run | sotu-test ppl | sotu-val ppl | seconds |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in results:
+        steps = f"{r['rilq']['best_step']} / {r['rilq']['steps_run']}" if r["rilq"] else ""
+        print(f"| {r['config']} | {r['calib']} | {steps} | {r['test']:.2f} | {r['val']:.2f} | {r['seconds']:.0f} |")
+
+
 def _correlated_stats(dim: int, device, seed: int) -> InputStats:
     g = torch.Generator(device=device).manual_seed(seed)
     mix = torch.randn(dim, dim, device=device, generator=g) / math.sqrt(dim)
@@ -143,11 +199,11 @@ def speed(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["quality", "speed"])
+    ap.add_argument("what", choices=["quality", "rilq", "speed"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--only", nargs="+")
     args = ap.parse_args()
-    quality(args) if args.what == "quality" else speed(args)
+    {"quality": quality, "rilq": rilq, "speed": speed}[args.what](args)
 
 
 if __name__ == "__main__":

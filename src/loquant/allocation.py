@@ -207,7 +207,7 @@ def allocate(
     modules = {name: m for name, m, _, _ in targets}
     shapes = {name: tuple(w.shape) for name, w in weights.items()}
     rank = config.rank if config.corrects else 0
-    needs_stats = kind == "activation" or (config.corrects and config.method in NEEDS_STATS)
+    needs_stats = kind == "activation" or (config.corrects and config.layer_method in NEEDS_STATS)
     start = time.perf_counter()
     if needs_stats and stats is None:
         if calib is None:
@@ -245,7 +245,7 @@ def allocate(
         weights,
         candidates,
         kind=kind,
-        method=config.method if config.corrects else "none",
+        method=config.layer_method if config.corrects else "none",
         rank=rank,
         stats=stats,
         fisher=fisher,

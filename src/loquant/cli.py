@@ -12,7 +12,8 @@ from loquant.corrections import METHODS
 from loquant.data import calib_windows, eval_windows, load_text, tokenize
 from loquant.errors import LoquantError
 from loquant.evaluate import perplexity
-from loquant.model import QUANTIZERS, QuantConfig, quant_layers, quantize
+from loquant.model import MODEL_METHODS, QUANTIZERS, QuantConfig, quant_layers, quantize
+from loquant.rilq import RilqConfig
 from loquant.serialization import ensure_writable, read_config, save, tensor_nbytes
 from loquant.sources import load_model
 from loquant.storage import memory_bytes, model_bits_per_weight, storage_report
@@ -97,6 +98,16 @@ def cmd_quantize(args) -> None:
         fisher=args.fisher,
         damping=args.damping,
         sequential=args.sequential,
+        rilq=RilqConfig(
+            init=args.rilq_init,
+            steps=args.rilq_steps,
+            lr=args.rilq_lr,
+            batch_size=args.rilq_batch_size,
+            eval_every=args.rilq_eval_every,
+            patience=args.rilq_patience,
+            seed=args.seed,
+            device=args.device,
+        ),
         source_model=args.model,
         calibration={
             "corpus": args.calib,
@@ -112,11 +123,25 @@ def cmd_quantize(args) -> None:
         load_text(args.corpus)
         if needs_calib and args.calib == args.corpus:
             raise LoquantError(f"calibrating and evaluating on the same text ({args.corpus}) is not a measurement")
+    rilq = config.method == "rilq"
+    held_name = args.rilq_held_out or ("sotu-val" if args.calib == "sotu-calib" else None)
+    if rilq and held_name is not None and held_name in (args.calib, args.corpus if args.eval else None):
+        raise LoquantError(f"rilq's early stopping cannot hold out {held_name}: it is calibrated or evaluated on")
     calib_text = load_text(args.calib) if needs_calib else None
     model, tokenizer = load_model(args.model)
-    calib = None
+    calib = held_out = None
     if calib_text is not None:
         ids = tokenize(tokenizer, calib_text)
+        if rilq:  # early stopping needs text apart from the training windows
+            if held_name is None:
+                cut = int(ids.numel() * 0.95)
+                ids, held = ids[:cut], ids[cut:]
+            else:
+                held = tokenize(tokenizer, load_text(held_name))
+            count = min(args.rilq_held_out_windows, held.numel() // args.calib_seq_len)
+            if count < 1:
+                raise LoquantError(f"rilq's held-out text has {held.numel()} tokens, less than one window")
+            held_out = eval_windows(held, args.calib_seq_len, count)
         calib = calib_windows(ids, args.calib_seq_len, args.calib_samples, args.seed)
     stats, extra, plan_lines = None, {}, []
     if budgeted:
@@ -151,7 +176,7 @@ def cmd_quantize(args) -> None:
     before = _eval(model, tokenizer, args) if args.eval else None
     float_bits = model_bits_per_weight(model)
     start = time.perf_counter()
-    quantize(model, config, calib=calib, stats=stats)
+    quantize(model, config, calib=calib, stats=stats, held_out=held_out)
     seconds = time.perf_counter() - start
     save(model, out, tokenizer, overwrite=args.overwrite, extra_files=extra)
     after = _eval(model, tokenizer, args) if args.eval else None
@@ -171,6 +196,10 @@ def cmd_quantize(args) -> None:
         rows.append(
             ("seconds: calib / decomp", "", f"{t['calibration_s'] + t['fisher_s']:.1f} / {t['decomposition_s']:.1f}")
         )
+    if rilq:
+        r = model.config.quantization_config["recipe"]["rilq"]
+        rows.append(("rilq steps (best / run)", "", f"{r['best_step']} / {r['steps_run']}"))
+        rows.append(("rilq held-out ppl", f"{r['held_out_ppl_start']:.2f}", f"{r['held_out_ppl_best']:.2f}"))
     if before and after:
         label = f"ppl {args.corpus} {args.windows}x{args.seq_len}"
         rows.append((label, f"{before['ppl']:.2f}", f"{after['ppl']:.2f}"))
@@ -347,11 +376,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--act-order", action="store_true", help="gptq: quantize columns by descending input energy")
     q.add_argument("--rank", type=int, default=0, help="rank of the 16-bit correction (0 = none)")
-    q.add_argument("--method", default="svd", choices=METHODS, help="how the correction is computed (default svd)")
+    q.add_argument("--method", default="svd", choices=MODEL_METHODS, help="how the correction is made (default svd)")
     q.add_argument("--iters", type=int, help="loftq: iterations (5); lqlora, lqer, qera-*: alternation cap (20; 1)")
     q.add_argument("--fisher", action="store_true", help="lqlora: weight the error by the diagonal Fisher")
     q.add_argument("--damping", type=float, default=1e-8, help="clamp R's eigenvalues at this x the largest")
     q.add_argument("--sequential", action="store_true", help="calibrate each block on quantized predecessors")
+    rilq_help = {
+        "init": "rilq: the closed-form start (default qera-exact)",
+        "steps": "rilq: most training steps (default 200)",
+        "lr": "rilq: peak learning rate (default 2e-4, cosine)",
+        "batch-size": "rilq: calibration windows per step (default 8)",
+        "eval-every": "rilq: held-out loss every K steps (default 20)",
+        "patience": "rilq: stop after this many evaluations without improvement (default 3)",
+        "held-out": "rilq: early-stopping text (default: sotu-val for sotu-calib, else the last 5%% of --calib)",
+        "held-out-windows": "rilq: early-stopping windows of --calib-seq-len (default 8)",
+    }
+    defaults = RilqConfig()
+    q.add_argument("--rilq-init", default=defaults.init, choices=METHODS[1:], help=rilq_help["init"])
+    for name, kind in (("steps", int), ("lr", float), ("batch-size", int), ("eval-every", int), ("patience", int)):
+        q.add_argument(f"--rilq-{name}", type=kind, default=getattr(defaults, name.replace("-", "_")),
+                       help=rilq_help[name])  # fmt: skip
+    q.add_argument("--rilq-held-out", help=rilq_help["held-out"])
+    q.add_argument("--rilq-held-out-windows", type=int, default=8, help=rilq_help["held-out-windows"])
+    q.add_argument("--device", help="rilq: where it trains, cpu or cuda (default: cuda when available)")
     q.add_argument("--calib", default="sotu-calib", help="calibration text: sotu-calib or a file")
     q.add_argument("--calib-samples", type=int, default=64, help="calibration windows (default 64)")
     q.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window (default 512)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import time
 from dataclasses import dataclass, field
@@ -16,12 +17,15 @@ from loquant.corrections.methods import Quantizer
 from loquant.errors import LoquantError
 from loquant.formats import WeightFormat, quantize_weight
 from loquant.layers import QuantLinear
+from loquant.rilq import RilqConfig, refine
 
 QUANT_METHOD = "loquant"
 FORMAT_VERSION = 1
 # rtn: round to nearest; gptq: error feedback through the inverse Hessian of the inputs (needs
 # calibration); hqq: half-quadratic optimization of the zero points (no data, `int` format only).
 QUANTIZERS = ("rtn", "gptq", "hqq")
+# Every per-layer correction, plus rilq: a closed-form start trained against the float model.
+MODEL_METHODS = (*METHODS, "rilq")
 
 try:  # GPT-2 style layers store the weight as (in, out)
     from transformers.pytorch_utils import Conv1D
@@ -44,7 +48,9 @@ class QuantConfig:
     LoftQ / LQ-LoRA alternate with it.
     Correction: `method` (see loquant.corrections.METHODS) at `rank` (0 = none); `iters` for
     loftq (default 5) and as lqlora's cap (default 20); `fisher` weights lqlora by the
-    diagonal Fisher; `damping` clamps R's eigenvalues at that fraction of the largest;
+    diagonal Fisher; `rilq` (method "rilq") starts from `rilq.init` and trains all
+    corrections together against the float model (loquant.rilq); `damping` clamps R's
+    eigenvalues at that fraction of the largest;
     `sequential` calibrates each block on the outputs of the already quantized blocks.
     `calibration` is a free-form record of the calibration data, saved with the model.
     """
@@ -65,6 +71,7 @@ class QuantConfig:
     fisher: bool = False
     damping: float = 1e-8
     sequential: bool = False
+    rilq: RilqConfig = field(default_factory=RilqConfig)
     source_model: str | None = None
     calibration: dict | None = None
 
@@ -76,13 +83,15 @@ class QuantConfig:
             raise LoquantError(f"unknown quantizer {self.quantizer!r}: choose one of {', '.join(QUANTIZERS)}")
         if self.act_order and self.quantizer != "gptq":
             raise LoquantError("--act-order orders GPTQ's columns: use it with --quantizer gptq")
-        if self.method not in METHODS:
-            raise LoquantError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+        if self.method not in MODEL_METHODS:
+            raise LoquantError(f"unknown method {self.method!r}: choose one of {', '.join(MODEL_METHODS)}")
+        if self.method == "rilq" and self.rank == 0:
+            raise LoquantError("rilq trains a low-rank correction: give --rank above 0")
         if self.rank < 0:
             raise LoquantError(f"rank must be 0 or more, got {self.rank}")
-        if self.fisher and self.method != "lqlora":
+        if self.fisher and self.layer_method != "lqlora":
             raise LoquantError("--fisher weights the lqlora method only")
-        if self.iters is not None and (self.method not in DEFAULT_ITERS or self.iters < 1):
+        if self.iters is not None and (self.layer_method not in DEFAULT_ITERS or self.iters < 1):
             raise LoquantError("--iters takes a positive count, for loftq, lqlora, lqer or qera-*")
         if self.sequential and not self.needs_stats:
             raise LoquantError("--sequential calibrates gptq, or lqer, qera-approx or qera-exact at a rank above 0")
@@ -94,13 +103,18 @@ class QuantConfig:
         return self.rank > 0 and self.method != "none"
 
     @property
+    def layer_method(self) -> str:
+        """The per-layer correction (rilq's start for rilq)."""
+        return self.rilq.init if self.method == "rilq" else self.method
+
+    @property
     def needs_stats(self) -> bool:
         """Whether the layers' input statistics are needed (GPTQ's Hessian, activation-aware methods)."""
-        return self.quantizer == "gptq" or (self.corrects and self.method in NEEDS_STATS)
+        return self.quantizer == "gptq" or (self.corrects and self.layer_method in NEEDS_STATS)
 
     @property
     def needs_calibration(self) -> bool:
-        return self.needs_stats or (self.corrects and self.fisher)
+        return self.needs_stats or (self.corrects and (self.fisher or self.method == "rilq"))
 
     def base_format(self) -> WeightFormat:
         return WeightFormat(self.format, self.bits, self.group_size, self.double_quant, self.icq)
@@ -126,11 +140,12 @@ class QuantConfig:
             "act_order": self.act_order,
             "method": self.method if self.corrects else "none",
             "rank": self.rank if self.corrects else 0,
-            "iters": self.iters or DEFAULT_ITERS.get(self.method) if self.corrects else None,
+            "iters": self.iters or DEFAULT_ITERS.get(self.layer_method) if self.corrects else None,
             "fisher": self.fisher,
             "damping": self.damping,
             "sequential": self.sequential,
             "calibration": self.calibration if self.needs_calibration else None,
+            **({"rilq": self.rilq.to_dict()} if self.method == "rilq" and self.corrects else {}),
         }
 
 
@@ -188,6 +203,7 @@ def quantize(
     *,
     calib: torch.Tensor | None = None,
     stats: Calibration | None = None,
+    held_out: torch.Tensor | None = None,
     progress: bool = True,
 ) -> nn.Module:
     """Replace the targeted linear layers of `model` in place by QuantLinear; returns it.
@@ -195,6 +211,8 @@ def quantize(
     calib: calibration windows (n x seq_len token ids), needed by the data-aware methods.
     stats: input statistics already gathered from this model's float layers with
       `loquant.calibration.collect` (sweeps reuse them across configs); not with `sequential`.
+    held_out: rilq's early-stopping windows, which must not overlap `calib` (rilq trains on
+      calib, with a copy of the float model taken before quantization as the teacher).
     Every target is checked first, and without `sequential` every layer is built before any
     is swapped in, so bad input leaves the model as it was. Seconds spent per phase are left
     in `model.loquant_timings`.
@@ -205,6 +223,9 @@ def quantize(
         raise LoquantError("sequential calibration gathers its own statistics: pass calib, not stats")
     if config.needs_calibration and calib is None and (stats is None or config.fisher):
         raise LoquantError(f"method {config.method} needs calibration windows (calib=...)")
+    if config.method == "rilq" and held_out is None:
+        raise LoquantError("rilq stops early on held-out windows: pass held_out=... (text apart from calib)")
+    teacher = copy.deepcopy(model) if config.method == "rilq" else None
     timings = {"calibration_s": 0.0, "fisher_s": 0.0, "decomposition_s": 0.0}
     modules = {name: module for name, module, _, _ in targets}
     fisher = None
@@ -224,7 +245,7 @@ def quantize(
                 result = correct(
                     weight,
                     fmt,
-                    config.method,
+                    config.layer_method,
                     config.rank,
                     stats=layer_stats,
                     fisher=fisher[name] if fisher else None,
@@ -261,7 +282,13 @@ def quantize(
                 timings["calibration_s"] = time.perf_counter() - start
             for name, layer in build(targets, stats, bar):
                 model.set_submodule(name, layer)
-    update_quantization_config(model, config.source_model or source_name(model), config.record())
+    recipe = config.record()
+    if teacher is not None:
+        start = time.perf_counter()
+        recipe["rilq"] = refine(model, teacher, calib, held_out, config.rilq, progress=progress)
+        timings["rilq_s"] = time.perf_counter() - start
+        del teacher
+    update_quantization_config(model, config.source_model or source_name(model), recipe)
     model.loquant_timings = timings
     return model
 
