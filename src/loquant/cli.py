@@ -13,6 +13,7 @@ from loquant.data import calib_windows, eval_windows, load_text, tokenize
 from loquant.errors import LoquantError
 from loquant.evaluate import perplexity
 from loquant.model import MODEL_METHODS, QUANTIZERS, QuantConfig, quant_layers, quantize
+from loquant.qat import MODES as QAT_MODES
 from loquant.rilq import RilqConfig
 from loquant.serialization import ensure_writable, read_config, save, tensor_nbytes
 from loquant.sources import load_model
@@ -317,18 +318,30 @@ def cmd_finetune(args) -> None:
     print(f"  held-out ppl ({result['held_out']})  {start:.2f} -> {end:.2f}")
     print(f"  {result['peak_memory_kind']}  {result['peak_memory_bytes'] / 2**20:.1f} MiB")
     print(f"  tokens per second      {tps:.1f}" if tps else "  tokens per second      (no step run)")
+    if config.mode != "adapter":
+        diff, scale = result["merged_max_abs_logit_diff"], result["merged_logit_scale"]
+        trained = result["held_out_ppl_end_trained"]
+        print(f"  merged to a plain quantized model: held-out ppl {end:.2f} (trained {trained:.2f}), "
+              f"max |logit diff| {diff:.2e} of {scale:.1f}")  # fmt: skip
 
 
 def cmd_merge(args) -> None:
     import torch
 
     from loquant.adapters.attach import merge
+    from loquant.finetune import read_state
 
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype]
     path, _ = _saved(args.dir)
     out = Path(args.out)
     ensure_writable(out, args.overwrite)
     model, tokenizer = load_model(str(path))
+    state = read_state(path) or {}
+    if args.command == "merge" and state.get("config", {}).get("mode", "adapter") != "adapter":
+        # A QAT run already ended in integer codes: MERGED is that plain quantized model alone.
+        save(model, out, tokenizer, overwrite=args.overwrite)
+        print(f"loquant merge {path} -> {out}: a plain quantized model ({state['config']['mode']}, no adapter)")
+        return
     merged = merge(model, dtype)
     from loquant.serialization import atomic_dir
 
@@ -436,7 +449,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--data", default="sotu-calib", help="sotu-calib, a .txt file or a .jsonl file with a 'text' field")
     f.add_argument("--eval-data", help="held-out text (default: sotu-val for sotu-calib, else the last 5%% of --data)")
     f.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
-    f.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default 2e-4, cosine, warm-up)")
+    f.add_argument("--mode", default="adapter", choices=["adapter", *QAT_MODES],
+                   help="adapter (default), or QAT ending in a plain quantized model: peqa, l4q, lr-qat")  # fmt: skip
+    f.add_argument("--lr", type=float, help="peak lr, cosine, warm-up (default 2e-4; lr-qat 1e-3, peqa 2e-5)")
+    f.add_argument("--scale-lr", type=float, help="l4q, lr-qat: the step sizes' learning rate (default 2e-5)")
+    f.add_argument("--phi-dtype", default="int8", choices=["int8", "bf16"], help="lr-qat: storage of W/s0 (int8)")
     f.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default: 5%% of --steps)")
     f.add_argument("--batch-size", type=int, default=8, help="windows per step (default 8)")
     f.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
@@ -463,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(func=cmd_finetune)
 
     helps = {
-        "merge": "fold the adapter (or correction) into a 16-bit transformers model",
+        "merge": "fold the adapter (or correction) into a 16-bit transformers model; a QAT run: its plain model",
         "export": "export a model for other tools (merged: 16-bit transformers; compressed-tensors: vLLM)",
     }
     for name, help_text in helps.items():

@@ -1,4 +1,5 @@
-"""Fine-tuning on a quantized base: LoRA from a correction or from zero (+IEC), or QWHA.
+"""Fine-tuning on a quantized base: LoRA from a correction or from zero (+IEC), or QWHA; or
+quantization-aware training that ends in a plain quantized model (PEQA, L4Q, LR-QAT: qat.py).
 
 The base stays packed and frozen; only the adapter trains. `prepare` is the Python entry (its
 model works with transformers' Trainer); `run` is the `loquant finetune` command's loop, which
@@ -8,6 +9,9 @@ writes an output folder that is itself a model:
     OUT/finetune.json                               settings, status, log and final measurements
     OUT/adapter/                                    the final adapter (PEFT LoRA, or loquant's WHT)
     OUT/checkpoints/step-NNNNNN/                    resume points (adapter state, optimizer, step)
+
+A QAT run (`mode` peqa, l4q or lr-qat) ends by merging: OUT becomes the plain quantized model
+(integer codes, fp16 scales, no adapter) plus finetune.json; there is no adapter/ folder.
 
 Batches are drawn from seeded random offsets that depend only on (seed, step), so a resumed
 run sees exactly the batches an uninterrupted one would.
@@ -34,6 +38,7 @@ from loquant.data import calib_windows, eval_windows, load_text, tokenize
 from loquant.errors import LoquantError
 from loquant.evaluate import perplexity
 from loquant.model import hf_model, linear_weight, quant_layers
+from loquant.qat import MODES as QAT_MODES
 from loquant.serialization import atomic_dir, ensure_writable, save
 
 STATE_FILE = "finetune.json"
@@ -52,12 +57,20 @@ class FinetuneConfig:
     one: its A and B become the adapter's start) or `zero` (QLoRA; the base's correction is
     dropped). iec: IR-QLoRA's elastic connection. eval_data: held-out text (default: sotu-val
     for sotu-calib, else the last 5% of the training tokens).
+
+    mode: `adapter` (the above) or a QAT mode (qat.MODES). lr is then the LoRA learning rate
+    (l4q 2e-4, lr-qat 1e-3 by default: its B·A is in grid units) or, for peqa, the scales'
+    (2e-5); scale_lr (default 2e-5) is the step sizes' in l4q and lr-qat; phi_dtype is
+    LR-QAT's storage of W/s0 (int8 fixed point or bf16). lr defaults to 2e-4 for adapters.
     """
 
     data: str = "sotu-calib"
     eval_data: str | None = None
     steps: int = 200
-    lr: float = 2e-4
+    lr: float | None = None
+    mode: str = "adapter"
+    scale_lr: float | None = None
+    phi_dtype: str = "int8"
     batch_size: int = 8
     seq_len: int = 512
     adapter: str = "lora"
@@ -79,6 +92,12 @@ class FinetuneConfig:
     bf16: bool | None = None
 
     def __post_init__(self) -> None:
+        if self.mode not in ("adapter", *QAT_MODES):
+            raise LoquantError(f"unknown mode {self.mode!r}: choose adapter, {', '.join(QAT_MODES)}")
+        if self.mode != "adapter" and (self.adapter != "lora" or self.iec or self.init is not None):
+            raise LoquantError(f"--adapter, --iec and --init are adapter options: --mode {self.mode} leaves no adapter")
+        if self.scale_lr is not None and self.mode not in ("l4q", "lr-qat"):
+            raise LoquantError("--scale-lr is the step sizes' learning rate in l4q and lr-qat (peqa: --lr)")
         if self.adapter not in ("lora", "wht"):
             raise LoquantError(f"unknown adapter {self.adapter!r}: choose lora or wht")
         if self.init not in (None, "correction", "zero", "qwha"):
@@ -90,8 +109,9 @@ class FinetuneConfig:
         for name in ("steps", "batch_size", "save_every", "eval_windows", "calib_samples"):
             if getattr(self, name) < 1:
                 raise LoquantError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.seq_len < 2 or self.lr <= 0 or self.eval_every < 0:
-            raise LoquantError("need seq_len >= 2, lr > 0 and eval_every >= 0")
+        rates = [v for v in (self.lr, self.scale_lr) if v is not None]
+        if self.seq_len < 2 or self.eval_every < 0 or any(not v > 0 for v in rates):
+            raise LoquantError("need seq_len >= 2, learning rates > 0 and eval_every >= 0")
         if (self.rank is not None and self.rank < 1) or (self.params is not None and self.params < 1):
             raise LoquantError("rank and params must be positive")
 
@@ -163,7 +183,14 @@ def load_base(path: str | os.PathLike):
 
 
 def resolve(config: FinetuneConfig, corrections: dict) -> FinetuneConfig:
-    """Fill the defaults that depend on the base (rank, init) and check the combination."""
+    """Fill the defaults that depend on the base and mode (rank, init, lr) and check the combination."""
+    if config.mode != "adapter":
+        if corrections:
+            raise LoquantError(f"--mode {config.mode} trains a plain quantized base and ends with one: "
+                               "quantize without --rank")  # fmt: skip
+        lr = config.lr or {"peqa": 2e-5, "l4q": 2e-4, "lr-qat": 1e-3}[config.mode]
+        scale_lr = config.scale_lr or (2e-5 if config.mode != "peqa" else None)
+        return FinetuneConfig.from_dict({**asdict(config), "rank": config.rank or 16, "lr": lr, "scale_lr": scale_lr})
     base_rank = next(iter(corrections.values()))[0].shape[0] if corrections else 0
     if config.adapter == "wht":
         init = "qwha"
@@ -175,7 +202,7 @@ def resolve(config: FinetuneConfig, corrections: dict) -> FinetuneConfig:
     if init == "correction" and config.rank is not None and rank != base_rank:
         raise LoquantError(f"--init correction starts from the base's rank-{base_rank} correction: "
                            f"give --rank {base_rank} or --init zero")  # fmt: skip
-    return FinetuneConfig.from_dict({**asdict(config), "rank": rank, "init": init})
+    return FinetuneConfig.from_dict({**asdict(config), "rank": rank, "init": init, "lr": config.lr or 2e-4})
 
 
 def qwha_supports(model: nn.Module, config: FinetuneConfig, calib: torch.Tensor, device, progress=True) -> dict:
@@ -205,8 +232,32 @@ def qwha_supports(model: nn.Module, config: FinetuneConfig, calib: torch.Tensor,
     return supports
 
 
+def float_weights(model: nn.Module, device) -> dict[str, torch.Tensor]:
+    """The float (out x in) weight of every quantized layer, from the source model DIR records."""
+    from loquant.sources import load_model
+
+    source = model.config.quantization_config.get("source_model")
+    if not source:
+        raise LoquantError("this mode starts from the float weights, and the base records no source_model")
+    float_model, _ = load_model(source)
+    weights = {}
+    for name in quant_layers(model):
+        try:
+            weights[name] = linear_weight(float_model.get_submodule(name)).detach().to(device)
+        except AttributeError:
+            raise LoquantError(f"the source model {source} has no layer {name}") from None
+    return weights
+
+
 def attach(model: nn.Module, corrections: dict, config: FinetuneConfig, calib=None, device="cpu", progress=True):
-    """Put the configured adapter on a base from load_base (config already resolved)."""
+    """Put the configured adapter (or QAT layers) on a base from load_base (config already resolved)."""
+    if config.mode != "adapter":
+        from loquant import qat
+
+        weights = float_weights(model, device) if config.mode in qat.FLOAT_MODES else None
+        weight_dtype = torch.bfloat16 if _bf16(config, device) else torch.float32
+        return qat.attach(model, config.mode, weights, rank=config.rank, alpha=config.lora_alpha,
+                          phi_dtype=config.phi_dtype, weight_dtype=weight_dtype, seed=config.seed)  # fmt: skip
     if config.adapter == "lora":
         init = corrections if config.init == "correction" else None
         return add_lora(model, config.rank, alpha=config.lora_alpha, init=init, iec=config.iec, dropout=config.dropout)
@@ -236,6 +287,22 @@ def prepare(path: str | os.PathLike, config: FinetuneConfig | None = None, *, de
     if config.gradient_checkpointing:
         enable_checkpointing(model)
     return model, tokenizer
+
+
+def _bf16(config: FinetuneConfig, device) -> bool:
+    return config.bf16 if config.bf16 is not None else torch.device(device).type == "cuda"
+
+
+def optimizer_for(model: nn.Module, config: FinetuneConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainables; l4q's and lr-qat's step sizes in their own group at scale_lr."""
+    from loquant.qat import scale_parameters
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    scales = {id(p) for p in scale_parameters(model)} if config.mode in ("l4q", "lr-qat") else set()
+    groups = [{"params": [p for p in params if id(p) not in scales], "lr": config.lr}]
+    if scales:
+        groups.append({"params": [p for p in params if id(p) in scales], "lr": config.scale_lr})
+    return torch.optim.AdamW(groups, weight_decay=0.0)
 
 
 def enable_checkpointing(model: nn.Module) -> None:
@@ -311,7 +378,9 @@ def run(base: str, out: str, config: FinetuneConfig, *, resume: bool = False, ov
             raise LoquantError(f"{out}: no checkpoint to resume from")
         checkpoint = _checkpoints(out)[-1]
         saved = load_file(checkpoint / "adapter_state.safetensors")
-        if config.adapter == "wht":  # the supports come from the checkpoint
+        if config.mode != "adapter":  # rebuilt from the base in OUT, then filled from the checkpoint
+            model = attach(model, {}, config, device=device)
+        elif config.adapter == "wht":  # the supports come from the checkpoint
             names = sorted(quant_layers(model))
             model = add_wht(model, {n: tuple(saved[f"{n}.wht.{p}"] for p in ("rows", "cols", "values")) for n in names})
         else:  # built empty, then filled from the checkpoint
@@ -325,7 +394,7 @@ def run(base: str, out: str, config: FinetuneConfig, *, resume: bool = False, ov
     if config.gradient_checkpointing:
         enable_checkpointing(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    optimizer = optimizer_for(model, config)
     from transformers import get_cosine_schedule_with_warmup
 
     warmup = config.warmup_steps if config.warmup_steps is not None else config.steps // 20
@@ -337,7 +406,7 @@ def run(base: str, out: str, config: FinetuneConfig, *, resume: bool = False, ov
         scheduler.load_state_dict(opt["scheduler"])
         meta = json.loads((checkpoint / "state.json").read_text())
         start, log = meta["step"], meta["log"]
-    bf16 = config.bf16 if config.bf16 is not None else torch.device(device).type == "cuda"
+    bf16 = _bf16(config, device)
     evaluate = lambda: perplexity(model, held, batch_size=config.batch_size, progress=False)["ppl"]  # noqa: E731
     if checkpoint is None:
         model.eval()
@@ -391,12 +460,37 @@ def run(base: str, out: str, config: FinetuneConfig, *, resume: bool = False, ov
         "tokens_per_second": trained_tokens / train_seconds if train_seconds else None,
         "device": str(device),
     }
+    if config.mode != "adapter":
+        merged = _merge_qat(model, held, config, device, bf16, result)
+        done = {**state, "status": "done", "config": asdict(config), "log": log, "result": result}
+        # The whole folder is replaced at once: the merged model, no checkpoints.
+        save(merged.cpu(), out, tokenizer, overwrite=True, extra_files={STATE_FILE: json.dumps(done, indent=2)})
+        return {"model": merged, **result}
     adapter_dir = out / ADAPTER_DIR
     with atomic_dir(adapter_dir, overwrite=True) as tmp:
         save_adapter(model, tmp)
     _write_state(out, {**state, "status": "done", "config": asdict(config), "log": log, "result": result})
     shutil.rmtree(out / CHECKPOINTS_DIR, ignore_errors=True)
     return {"model": model, **result}
+
+
+def _merge_qat(model, held, config, device, bf16, result: dict) -> nn.Module:
+    """The QAT model merged into plain QuantLinear layers (a copy); records how close its logits are."""
+    import copy
+
+    from loquant import qat
+
+    batch = held[: config.batch_size].to(device)
+    with torch.no_grad():
+        trained = model(input_ids=batch).logits.float()
+        merged = qat.merge(copy.deepcopy(model))
+        logits = merged(input_ids=batch).logits.float()
+    result["merged_max_abs_logit_diff"] = (logits - trained).abs().max().item()
+    result["merged_logit_scale"] = trained.abs().max().item()
+    result["held_out_ppl_end_trained"] = result["held_out_ppl_end"]
+    ppl = lambda: perplexity(merged, held, batch_size=config.batch_size, progress=False)["ppl"]  # noqa: E731
+    result["held_out_ppl_end"] = _autocast(device, bf16, ppl)
+    return merged
 
 
 def _load_trainable(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
