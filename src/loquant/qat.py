@@ -154,9 +154,8 @@ class QATLinear(nn.Module):
         return s, z
 
     def trainables(self) -> list[torch.Tensor]:
-        """The tensors `weight` is a function of, in its argument order."""
-        names = {"peqa": ["scales"], "full": ["W", "scales"], "l4q": ["A", "B", "scales"]}
-        names = names.get(self.mode, ["A", "B", "scales"])
+        """The tensors `build_weight` is a function of, in its argument order."""
+        names = {"peqa": ["scales"], "full": ["W", "scales"]}.get(self.mode, ["A", "B", "scales"])
         if self.offsets is not None and self.mode != "peqa":
             names = [*names, "offsets"]
         return [getattr(self, n) for n in names]
