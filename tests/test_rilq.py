@@ -64,8 +64,9 @@ def test_early_stopping_keeps_the_best_corrections():
 
 def test_a_diverging_run_stops_with_a_clear_error():
     teacher, model = quantized()
+    next(iter(quant_layers(model).values())).A.data[0, 0] = float("nan")  # a diverged correction
     with pytest.raises(LoquantError, match="diverged, lower --rilq-lr"):
-        refine(model, teacher, windows(8, 0), windows(4, 1), RilqConfig(steps=20, lr=1e4, batch_size=4, device="cpu"),
+        refine(model, teacher, windows(8, 0), windows(4, 1), RilqConfig(steps=20, batch_size=4, device="cpu"),
                progress=False)  # fmt: skip
 
 
