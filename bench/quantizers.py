@@ -15,6 +15,11 @@ not independent text (sotu-test is).
     python bench/quantizers.py quality [--device cuda] [--only "INT3 g64 gptq" ...]
     python bench/quantizers.py rilq [--device cuda] [--only ...]
     python bench/quantizers.py speed [--device cuda]
+    python bench/quantizers.py rilq-speed [--device cuda]
+
+rilq-speed: RILQ's training cost on Llama-2-7B-shaped models with random weights (bf16 teacher
+and student, INT2 g64, rank 64, svd start), with 2, 4 and 8 decoder blocks (after a 1-block
+warm-up) so the per-block cost can be read off: seconds per step (batch 8 x 512) and peak memory.
 """
 
 from __future__ import annotations
@@ -160,6 +165,43 @@ def rilq(args) -> None:
         print(f"| {r['config']} | {r['calib']} | {steps} | {r['test']:.2f} | {r['val']:.2f} | {r['seconds']:.0f} |")
 
 
+def rilq_speed(args) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    device = torch.device(args.device)
+    print(f"\nRILQ on Llama-2-7B-shaped models, random weights, bf16, INT2 g64 rank 64, batch 8 x 512; {args.device}\n")
+    print("| decoder blocks | quantize + svd start (s) | RILQ s / step | peak memory (MiB) |")
+    print("|---:|---:|---:|---:|")
+    for blocks in (1, 2, 4, 8):  # the 1-block run is a warm-up, not printed
+        config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
+                             num_key_value_heads=32, num_hidden_layers=blocks, vocab_size=32000)  # fmt: skip
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config).to(device, torch.bfloat16).eval()
+        gen = torch.Generator().manual_seed(0)
+        calib, held = (
+            torch.randint(0, 32000, (64, 512), generator=gen),
+            torch.randint(0, 32000, (8, 512), generator=gen),
+        )
+        steps = 12
+        rilq = RilqConfig(init="svd", steps=steps, eval_every=steps, device=args.device)
+        quant = QuantConfig(bits=2, group_size=64, method="rilq", rank=64, rilq=rilq)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        quantize(model, quant, calib=calib, held_out=held, progress=False)
+        total = time.perf_counter() - start
+        record = model.config.quantization_config["recipe"]["rilq"]
+        peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
+        if blocks == 1:
+            continue
+        # the RILQ seconds include two held-out evaluations (start and end): an upper bound per step
+        print(
+            f"| {blocks} | {total - record['seconds']:.1f} | {record['seconds'] / steps:.3f} | {peak:.0f} |", flush=True
+        )
+        del model
+
+
 def _correlated_stats(dim: int, device, seed: int) -> InputStats:
     g = torch.Generator(device=device).manual_seed(seed)
     mix = torch.randn(dim, dim, device=device, generator=g) / math.sqrt(dim)
@@ -199,11 +241,11 @@ def speed(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["quality", "rilq", "speed"])
+    ap.add_argument("what", choices=["quality", "rilq", "speed", "rilq-speed"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--only", nargs="+")
     args = ap.parse_args()
-    {"quality": quality, "rilq": rilq, "speed": speed}[args.what](args)
+    {"quality": quality, "rilq": rilq, "speed": speed, "rilq-speed": rilq_speed}[args.what](args)
 
 
 if __name__ == "__main__":
