@@ -3,13 +3,14 @@
 quality: for INT3 per channel and INT2 g64, the round-to-nearest model is saved and each mode
 runs `loquant.finetune.run` on it (what `loquant finetune DIR --mode M` does) with the same
 steps, batches (sotu-calib, seeded) and held-out text (sotu-val, 8 x 512). Each mode runs at
-its default learning rate (with `--lr-sets 2` also at one alternative, to be picked by the
-held-out sotu-val perplexity, never by sotu-test). The merged plain model is then measured on
+its default learning rate (`--lrs alternative` or `both`: at one alternative, to be picked by
+the held-out sotu-val perplexity, never by sotu-test). The merged plain model is then measured on
 sotu-test 40 x 512 (token-level perplexity, non-overlapping windows).
 memory: peak GPU memory of training steps (batch 8 x 512, bf16 autocast) for each mode, for
 full-weight QAT (every weight trainable, same quantizer) and for LoRA on the packed base.
 
-    python bench/qat.py quality [--steps 200] [--only "INT3 ch"] [--modes peqa l4q lr-qat] [--lr-sets 1]
+    python bench/qat.py quality [--steps 200] [--only "INT3 ch"] [--modes peqa l4q lr-qat]
+                                [--lrs default|alternative|both]
     python bench/qat.py memory
 """
 
@@ -54,7 +55,7 @@ def quality(args) -> None:
             rows.append({"format": label, "mode": "rtn", "test": ppl})
             print(json.dumps(rows[-1]), flush=True)
             del rtn
-            for i in range(args.lr_sets):  # every mode's default first, then alternatives
+            for i in {"default": [0], "alternative": [1], "both": [0, 1]}[args.lrs]:  # defaults first
                 for mode in args.modes:
                     lr = LRS[mode][i]
                     config = FinetuneConfig(mode=mode, lr=lr, steps=args.steps, batch_size=8, seq_len=512, eval_every=0)
@@ -127,7 +128,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=["quality", "memory"])
     ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--lr-sets", type=int, default=1, choices=[1, 2])
+    ap.add_argument("--lrs", default="default", choices=["default", "alternative", "both"])
     ap.add_argument("--only", nargs="+")
     ap.add_argument("--modes", nargs="+", default=["peqa", "l4q", "lr-qat"])
     args = ap.parse_args()
