@@ -1,7 +1,10 @@
-"""Run the CLI in-process and read its one-line JSON."""
+"""Shared test helpers: run the CLI in-process and read its one-line JSON; interrupt training."""
 
+import contextlib
 import json
 import re
+
+import pytest
 
 from loquant.cli import main
 
@@ -25,3 +28,23 @@ def one_json_line(out: str) -> dict:
         if isinstance(v, float):
             assert re.fullmatch(r"-?\d+(\.\d{1,4})?(e-?\d+)?", repr(v)), v
     return data
+
+
+@contextlib.contextmanager
+def interrupted_at(step: int):
+    """`loquant.finetune.run` inside this block stops with KeyboardInterrupt at `step`, as a killed run would."""
+    import loquant.finetune as ft
+
+    real = ft.batch_at
+
+    def crash(ids, at, config):
+        if at == step:
+            raise KeyboardInterrupt
+        return real(ids, at, config)
+
+    ft.batch_at = crash
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        ft.batch_at = real

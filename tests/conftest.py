@@ -22,3 +22,14 @@ def corpus(tmp_path_factory):
     path = tmp_path_factory.mktemp("corpus") / "text.txt"
     path.write_text(load_text("sotu-test")[:20000])
     return path
+
+
+@pytest.fixture(scope="session")
+def texts(tmp_path_factory):
+    """Fine-tuning data: training text from the calibration split, held-out text from validation."""
+    from loquant.data import load_text
+
+    d = tmp_path_factory.mktemp("texts")
+    (d / "train.txt").write_text(load_text("sotu-calib")[:20000])
+    (d / "held.txt").write_text(load_text("sotu-val")[:6000])
+    return d

@@ -12,19 +12,10 @@ from loquant.cli import main
 from loquant.errors import LoquantError
 from loquant.finetune import FinetuneConfig, prepare, read_corpus, run
 
+from cli_helpers import interrupted_at
 from cli_helpers import run as run_cli
 
 SMALL = dict(steps=4, batch_size=2, seq_len=32, eval_windows=2, save_every=2, calib_samples=4, calib_seq_len=32)
-
-
-@pytest.fixture(scope="module")
-def texts(tmp_path_factory):
-    from loquant.data import load_text
-
-    d = tmp_path_factory.mktemp("texts")
-    (d / "train.txt").write_text(load_text("sotu-calib")[:20000])
-    (d / "held.txt").write_text(load_text("sotu-val")[:6000])
-    return d
 
 
 def quantize_tiny(checkpoint, out, *extra):
@@ -160,22 +151,11 @@ def test_merge_matches_base_plus_adapter(corrected, texts, tmp_path, capsys):
     torch.testing.assert_close(logits(exported, IDS), logits(merged32, IDS))
 
 
-def test_an_interrupted_run_resumes_to_the_same_adapter(corrected, texts, tmp_path, monkeypatch):
+def test_an_interrupted_run_resumes_to_the_same_adapter(corrected, texts, tmp_path):
     cfg = config(texts, lr=1e-2, iec=True)
     run(corrected, tmp_path / "straight", cfg, progress=False)
-    import loquant.finetune as ft
-
-    real = ft.batch_at
-
-    def crash_at_3(ids, step, config):
-        if step == 3:
-            raise KeyboardInterrupt
-        return real(ids, step, config)
-
-    monkeypatch.setattr(ft, "batch_at", crash_at_3)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at(3):
         run(corrected, tmp_path / "resumed", cfg, progress=False)
-    monkeypatch.setattr(ft, "batch_at", real)
     with pytest.raises(LoquantError, match="unfinished"):
         loquant.load(tmp_path / "resumed")
     assert (tmp_path / "resumed" / "checkpoints" / "step-000002").is_dir()

@@ -14,6 +14,7 @@ from loquant.layers import QuantLinear
 from loquant.qat import QATLinear, attach, merge, qat_layers
 from loquant.storage import model_bits_per_weight
 
+from cli_helpers import interrupted_at
 from cli_helpers import run as run_cli
 from tiny_models import tiny_model
 
@@ -140,16 +141,6 @@ def test_attach_merge_on_a_model_and_full_qat_trains_every_weight():
 
 
 @pytest.fixture(scope="module")
-def texts(tmp_path_factory):
-    from loquant.data import load_text
-
-    d = tmp_path_factory.mktemp("texts")
-    (d / "train.txt").write_text(load_text("sotu-calib")[:20000])
-    (d / "held.txt").write_text(load_text("sotu-val")[:6000])
-    return d
-
-
-@pytest.fixture(scope="module")
 def int3_channel(checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("q") / "int3"
     assert main(["quantize", str(checkpoint), "--bits", "3", "--group-size", "-1", "--out", str(out)]) == 0
@@ -189,24 +180,13 @@ def test_run_ends_in_a_plain_model_of_the_same_size(int3_channel, texts, tmp_pat
         assert torch.equal(merged(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
-def test_an_interrupted_qat_run_resumes_to_the_same_model(int3_channel, texts, tmp_path, monkeypatch):
-    import loquant.finetune as ft
-
+def test_an_interrupted_qat_run_resumes_to_the_same_model(int3_channel, texts, tmp_path):
     config = qat_config(texts, mode="lr-qat", steps=5)
     run(int3_channel, tmp_path / "a", config, device="cpu", progress=False)
-    original = ft.batch_at
-
-    def crash_at_3(ids, step, cfg):
-        if step == 3:
-            raise KeyboardInterrupt
-        return original(ids, step, cfg)
-
-    monkeypatch.setattr(ft, "batch_at", crash_at_3)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at(3):
         run(int3_channel, tmp_path / "b", config, device="cpu", progress=False)
     with pytest.raises(LoquantError, match="unfinished"):
         loquant.load(tmp_path / "b")
-    monkeypatch.setattr(ft, "batch_at", original)
     run(int3_channel, tmp_path / "b", config, resume=True, device="cpu", progress=False)
     a, b = (loquant.load(tmp_path / x).state_dict() for x in "ab")
     assert all(torch.equal(a[k], b[k]) for k in a)

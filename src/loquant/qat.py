@@ -169,8 +169,7 @@ class QATLinear(nn.Module):
         qmax = (1 << fmt.bits) - 1
         if self.mode == "peqa":
             (scales,) = params
-            s, _ = self._params(scales, None)
-            z = _expand(_ste_fp16(self.offsets), self.group, self.in_features) if self.offsets is not None else None
+            s, z = self._params(scales, self.offsets)  # the offsets stay frozen
             return self._decode(self.codes.long(), s, z), self.codes
         if self.mode in ("l4q", "lr-qat"):
             A, B, scales, *rest = params
