@@ -209,3 +209,19 @@ def test_cli_mode_flags_and_errors(int3_channel, texts, tmp_path, capsys, checkp
     code, _, err = run_cli(capsys, "finetune", corrected, "--mode", "lr-qat", *flags, "--out", tmp_path / "y")
     assert code == 2 and "quantize without --rank" in err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+@pytest.mark.parametrize("flags", [["--mode", "l4q"], ["--adapter", "wht"]])
+def test_a_missing_float_source_fails_before_out_is_written(int3_channel, texts, tmp_path, capsys, flags):
+    import shutil
+
+    moved = tmp_path / "base"
+    shutil.copytree(int3_channel, moved)
+    config = json.loads((moved / "config.json").read_text())
+    config["quantization_config"]["source_model"] = str(tmp_path / "gone")
+    (moved / "config.json").write_text(json.dumps(config))
+    code, _, err = run_cli(capsys, "finetune", moved, *flags, "--data", texts / "train.txt", "--steps", "2",
+                           "--seq-len", "32", "--calib-samples", "2", "--calib-seq-len", "32", "--device", "cpu",
+                           "--out", tmp_path / "o")  # fmt: skip
+    assert code == 2 and "model not found" in err, err
+    assert not (tmp_path / "o").exists()

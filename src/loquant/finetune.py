@@ -249,21 +249,37 @@ def float_weights(model: nn.Module, device) -> dict[str, torch.Tensor]:
     return weights
 
 
-def attach(model: nn.Module, corrections: dict, config: FinetuneConfig, calib=None, device="cpu", progress=True):
-    """Put the configured adapter (or QAT layers) on a base from load_base (config already resolved)."""
+def from_source(model: nn.Module, config: FinetuneConfig, calib=None, device="cpu", progress=True):
+    """What the float source gives the configured start: L4Q's and LR-QAT's float weights, or
+    QWHA's supports; None when the start needs no source. `run` gets it before writing OUT, so a
+    missing or unreadable source leaves nothing behind."""
+    from loquant.qat import FLOAT_MODES
+
+    if config.mode in FLOAT_MODES:
+        return float_weights(model, device)
+    if config.mode == "adapter" and config.adapter == "wht":
+        if calib is None:
+            raise LoquantError("QWHA's initialization needs calibration windows")
+        return qwha_supports(model, config, calib, device, progress)
+    return None
+
+
+def attach(model: nn.Module, corrections: dict, config: FinetuneConfig, calib=None, device="cpu", progress=True,
+           sourced=None):  # fmt: skip
+    """Put the configured adapter (or QAT layers) on a base from load_base (config already resolved).
+    `sourced`: from_source's result, when already computed."""
+    if sourced is None:
+        sourced = from_source(model, config, calib, device, progress)
     if config.mode != "adapter":
         from loquant import qat
 
-        weights = float_weights(model, device) if config.mode in qat.FLOAT_MODES else None
         weight_dtype = torch.bfloat16 if _bf16(config, device) else torch.float32
-        return qat.attach(model, config.mode, weights, rank=config.rank, alpha=config.lora_alpha,
+        return qat.attach(model, config.mode, sourced, rank=config.rank, alpha=config.lora_alpha,
                           phi_dtype=config.phi_dtype, weight_dtype=weight_dtype, seed=config.seed)  # fmt: skip
     if config.adapter == "lora":
         init = corrections if config.init == "correction" else None
         return add_lora(model, config.rank, alpha=config.lora_alpha, init=init, iec=config.iec, dropout=config.dropout)
-    if calib is None:
-        raise LoquantError("QWHA's initialization needs calibration windows")
-    return add_wht(model, qwha_supports(model, config, calib, device, progress))
+    return add_wht(model, sourced)
 
 
 def prepare(path: str | os.PathLike, config: FinetuneConfig | None = None, *, device: str | None = None,
@@ -368,7 +384,12 @@ def run(base: str, out: str, config: FinetuneConfig, *, resume: bool = False, ov
     if not resume:
         config = resolve(config, corrections)
     train_ids, held, held_name = split_data(config, tokenizer)
+    sourced = None
     if not resume:
+        calib = None
+        if config.adapter == "wht":
+            calib = calib_windows(train_ids, config.calib_seq_len, config.calib_samples, config.seed)
+        sourced = from_source(model, config, calib, device, progress)
         state = {"status": "running", "base": str(base), "config": asdict(config), "log": []}
         save(model, out, tokenizer, overwrite=overwrite, extra_files={STATE_FILE: json.dumps(state, indent=2)})
     model.to(device)
@@ -387,10 +408,7 @@ def run(base: str, out: str, config: FinetuneConfig, *, resume: bool = False, ov
             model = attach(model, {}, FinetuneConfig.from_dict({**asdict(config), "init": "zero"}))
         _load_trainable(model, saved)
     else:
-        calib = None
-        if config.adapter == "wht":
-            calib = calib_windows(train_ids, config.calib_seq_len, config.calib_samples, config.seed)
-        model = attach(model, corrections, config, calib, device, progress)
+        model = attach(model, corrections, config, sourced=sourced)
     if config.gradient_checkpointing:
         enable_checkpointing(model)
     params = [p for p in model.parameters() if p.requires_grad]
