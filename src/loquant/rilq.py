@@ -65,8 +65,8 @@ class RilqConfig:
 
 def _objective(student: nn.Module, teacher: nn.Module, batch: torch.Tensor, config: RilqConfig):
     """(loss, hidden-state MSE, LM loss) of one batch."""
-    with torch.no_grad():
-        target = teacher(input_ids=batch, output_hidden_states=True, use_cache=False).hidden_states[-1]
+    with torch.no_grad():  # the teacher's decoder only: its logits are not needed
+        target = teacher.base_model(input_ids=batch, use_cache=False).last_hidden_state
     out = student(input_ids=batch, labels=batch, output_hidden_states=True, use_cache=False)
     mse = F.mse_loss(out.hidden_states[-1].float(), target.float())
     return config.hidden_weight * mse + config.lm_weight * out.loss, mse, out.loss
