@@ -216,6 +216,9 @@ def cmd_eval(args) -> None:
     load_text(args.corpus)  # a missing corpus fails before the model loads
     model, tokenizer = load_model(args.model)
     result = {"model": args.model, **_eval(model, tokenizer, args)}
+    compressed = Path(args.model) / "loquant_adapter.json"
+    if compressed.is_file():  # base + LoRAQuant adapter: its storage too
+        result["adapter_avg_bits"] = json.loads(compressed.read_text())["avg_bits"]
     if args.json:
         _emit_json(result)
     else:
@@ -367,6 +370,46 @@ def cmd_export(args) -> None:
           f"{r['layers']} layers{adapter}")  # fmt: skip
 
 
+def cmd_compress_adapter(args) -> None:
+    from loquant.adapters.loraquant import LoraQuantConfig, compress_adapters
+
+    config = LoraQuantConfig(ratio=args.ratio, high_bits=args.high_bits, group_size=args.group_size,
+                             refine_steps=args.refine_steps, max_bits=args.max_bits)  # fmt: skip
+    results = compress_adapters(args.adapter_dir, args.out, config, base=args.base, overwrite=args.overwrite,
+                                resume=args.resume, progress=not args.json)  # fmt: skip
+    params = sum(m["params"] for m in results.values())
+    summary = {
+        "avg_bits": sum(m["avg_bits"] * m["params"] for m in results.values()) / params,
+        "params": params,
+        "adapters": {
+            name or Path(args.adapter_dir).name: {
+                k: m[k] for k in ("avg_bits", "file_bits", "params", "mean_rel_error", "max_rel_error")
+            }
+            for name, m in results.items()
+        },  # fmt: skip
+        "out": args.out,
+    }
+    if args.json:
+        _emit_json(summary)
+        return
+    print(f"loquant compress-adapter {args.adapter_dir} -> {args.out}"
+          + (f" (base {args.base}: loquant eval {args.out} works)" if args.base else ""))  # fmt: skip
+    for name, m in summary["adapters"].items():
+        print(
+            f"  {name}: {m['avg_bits']:.3f} bits per adapter parameter ({m['params']:,} parameters), "
+            f"product error {m['mean_rel_error']:.3f} mean, {m['max_rel_error']:.3f} max (relative Frobenius)"
+        )
+    if len(results) > 1:
+        print(f"  all {len(results)}: {summary['avg_bits']:.3f} bits per adapter parameter")
+
+
+def cmd_decompress_adapter(args) -> None:
+    from loquant.adapters.loraquant import to_peft
+
+    to_peft(args.dir, args.out, overwrite=args.overwrite)
+    print(f"loquant decompress-adapter {args.dir} -> {args.out}: a PEFT LoRA adapter (dequantized)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loquant", description="Low-bit LLM weights with 16-bit corrections.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -478,6 +521,28 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", required=True, help="output folder: base + adapter/, loadable by loquant eval")
     f.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     f.set_defaults(func=cmd_finetune)
+
+    c = sub.add_parser("compress-adapter", help="LoRAQuant: store PEFT LoRA adapters at ~1.5-2 bits per parameter")
+    c.add_argument("adapter_dir", help="a PEFT LoRA folder, a `loquant finetune` folder, or a folder of either")
+    c.add_argument("--ratio", type=float, default=0.95, help="energy share of the high-bit directions (default 0.95)")
+    c.add_argument("--high-bits", type=int, default=4, help="bits of the high-energy directions: 2, 3 or 4 (default 4)")
+    c.add_argument(
+        "--group-size", type=int, default=64, help="high-bit values per scale (default 64; -1: per row / column)"
+    )
+    c.add_argument("--refine-steps", type=int, default=0, help="refinement steps against B·A (default 0)")
+    c.add_argument("--max-bits", type=float, help="cap per layer: fewer high-bit directions until bits <= this")
+    c.add_argument("--base", help="a loquant model folder: OUT then holds base + compressed adapter (loquant eval)")
+    c.add_argument("--out", required=True, help="output folder (one per adapter, OUT/NAME, for a folder of them)")
+    c.add_argument("--resume", action="store_true", help="keep the adapters already finished in --out")
+    c.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    c.add_argument("--json", action="store_true", help="one JSON line on stdout (no progress bar)")
+    c.set_defaults(func=cmd_compress_adapter)
+
+    d = sub.add_parser("decompress-adapter", help="a compress-adapter folder as a dequantized PEFT LoRA adapter")
+    d.add_argument("dir")
+    d.add_argument("--out", required=True, help="output folder (written atomically)")
+    d.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    d.set_defaults(func=cmd_decompress_adapter)
 
     helps = {
         "merge": "fold the adapter (or correction) into a 16-bit transformers model; a QAT run: its plain model",

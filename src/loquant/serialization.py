@@ -31,7 +31,7 @@ from loquant.model import QUANT_METHOD, quant_layers, update_quantization_config
 WEIGHTS = "model.safetensors"
 
 
-def _digest(t: torch.Tensor) -> str:
+def digest(t: torch.Tensor) -> str:
     data = t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
@@ -95,7 +95,7 @@ def save(
     config = model.config.to_dict()
     config["architectures"] = [type(model).__name__]
     config["dtype"] = str(_float_dtype(model)).removeprefix("torch.")
-    config["quantization_config"]["checksums"] = {name: _digest(t) for name, t in sorted(tensors.items())}
+    config["quantization_config"]["checksums"] = {name: digest(t) for name, t in sorted(tensors.items())}
     with atomic_dir(out, overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
@@ -180,7 +180,8 @@ def load(path: str | os.PathLike, *, adapter: bool = True) -> nn.Module:
     """Rebuild a model saved by `save`, on CPU, with outputs identical to the saved one.
 
     A `loquant finetune` folder loads as its base plus the trained adapter (a PeftModel for
-    LoRA); adapter=False gives the base alone, e.g. to attach the adapter through PEFT.
+    LoRA), a `loquant compress-adapter --base` folder as its base plus the packed adapter;
+    adapter=False gives the base alone, e.g. to attach the adapter through PEFT.
     """
     path = Path(path)
     if not path.is_dir():
@@ -213,7 +214,7 @@ def load(path: str | os.PathLike, *, adapter: bool = True) -> nn.Module:
                 f"{path / WEIGHTS}: tensor {name} is {t.dtype} {tuple(t.shape)}, "
                 f"the config implies {want.dtype} {tuple(want.shape)}"
             )
-        if name in checksums and _digest(t) != checksums[name]:
+        if name in checksums and digest(t) != checksums[name]:
             raise LoquantError(f"{path / WEIGHTS}: tensor {name} is corrupt (checksum mismatch)")
     # Keys absent from the file must be aliases (tied weights) of keys present in it.
     storage = {n: t.untyped_storage().data_ptr() for n, t in expected.items()}
@@ -226,4 +227,8 @@ def load(path: str | os.PathLike, *, adapter: bool = True) -> nn.Module:
         from loquant.adapters.attach import load_adapter
 
         model = load_adapter(model, path / "adapter").eval()
+    elif adapter and (path / "loquant_adapter.json").is_file():  # `loquant compress-adapter --base`
+        from loquant.adapters.loraquant import attach
+
+        model = attach(model, path).eval()
     return model

@@ -24,6 +24,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from loquant.adapters.lora import LoraQuantLinear, lora_config, lora_layers, peft_config
+from loquant.adapters.loraquant import PackedLoraLinear
 from loquant.adapters.wht import WHTAdapter
 from loquant.errors import LoquantError
 from loquant.layers import QuantLinear
@@ -220,11 +221,11 @@ def original_types(model: nn.Module, names: list[str]) -> dict[str, type]:
 def merge(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """A plain transformers model with W = deq(W) + correction + adapter, in `dtype`.
 
-    Works on a loquant model with a LoRA (PEFT) or WHT adapter, or none (then the saved
+    Works on a loquant model with a LoRA (PEFT), WHT or LoRAQuant adapter, or none (then the saved
     low-rank correction is folded). The result has no loquant layer and no quantization_config.
     """
     hf = hf_model(model)
-    wrapped = {n: m for n, m in hf.named_modules() if isinstance(m, (LoraQuantLinear, WHTLinear))}
+    wrapped = {n: m for n, m in hf.named_modules() if isinstance(m, (LoraQuantLinear, WHTLinear, PackedLoraLinear))}
     inner = {f"{n}.base_layer" for n in wrapped}
     plain = {n: m for n, m in quant_layers(hf).items() if n not in inner}
     merged = {}
@@ -235,7 +236,7 @@ def merge(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
             W += base.B.float() @ base.A.float()
         if isinstance(module, LoraQuantLinear):
             W += module.get_delta_weight("default").to(W)
-        elif isinstance(module, WHTLinear):
+        elif isinstance(module, (WHTLinear, PackedLoraLinear)):
             W += module.get_delta_weight().to(W)
         merged[name] = (W, base.bias)
     if not merged:
