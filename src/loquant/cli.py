@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
+from loquant.checkpoint import Checkpoint
 from loquant.corrections import METHODS
 from loquant.data import calib_windows, eval_windows, load_text, tokenize
 from loquant.errors import LoquantError
@@ -56,6 +59,18 @@ def _eval(model, tokenizer, args) -> dict:
         "memory_bytes": memory_bytes(model),
         "seconds": time.perf_counter() - start,
     }
+
+
+# quantize flags that do not change the saved model (a resumed run may differ in them)
+_NOT_SETTINGS = ("func", "command", "resume", "overwrite", "eval", "corpus", "seq_len", "windows", "batch_size")
+
+
+def _complete(out: Path) -> bool:
+    try:
+        read_config(out)
+    except LoquantError:
+        return False
+    return (out / "model.safetensors").is_file()
 
 
 def cmd_quantize(args) -> None:
@@ -119,6 +134,14 @@ def cmd_quantize(args) -> None:
     )
     needs_calib = config.needs_calibration or (budgeted and args.alloc_error in ("activation", "fisher"))
     out = Path(args.out)
+    partial = out.with_name(out.name + ".partial")
+    if args.resume and _complete(out):
+        print(f"loquant quantize: {out} is complete, nothing to resume")
+        return
+    if partial.exists() and not args.resume:
+        if not args.overwrite:
+            raise LoquantError(f"{partial} holds an interrupted run: --resume continues it, --overwrite starts over")
+        shutil.rmtree(partial)
     ensure_writable(out, args.overwrite)  # fail before the slow steps
     if args.eval:
         load_text(args.corpus)
@@ -177,9 +200,23 @@ def cmd_quantize(args) -> None:
     before = _eval(model, tokenizer, args) if args.eval else None
     float_bits = model_bits_per_weight(model)
     start = time.perf_counter()
-    quantize(model, config, calib=calib, stats=stats, held_out=held_out)
+    settings = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS}
+    checkpoint = Checkpoint(partial, json.loads(json.dumps(settings)))
+    resumed = checkpoint.blocks_done
+    try:
+        quantize(model, config, calib=calib, stats=stats, held_out=held_out, checkpoint=checkpoint)
+    except LoquantError:
+        if not resumed:  # bad input: resuming cannot help, and nothing is left behind
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
     seconds = time.perf_counter() - start
-    save(model, out, tokenizer, overwrite=args.overwrite, extra_files=extra)
+    # the finished model is written inside DIR.partial, then moved to DIR, then DIR.partial goes
+    save(model, partial / "model", tokenizer, overwrite=True, extra_files=extra)
+    if out.exists():
+        ensure_writable(out, args.overwrite)
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    os.replace(partial / "model", out)
+    shutil.rmtree(partial)
     after = _eval(model, tokenizer, args) if args.eval else None
     report = storage_report(
         model.config.quantization_config["layers"], {k: v.nbytes for k, v in model.state_dict().items()}
@@ -205,7 +242,8 @@ def cmd_quantize(args) -> None:
         label = f"ppl {args.corpus} {args.windows}x{args.seq_len}"
         rows.append((label, f"{before['ppl']:.2f}", f"{after['ppl']:.2f}"))
     width = max(len(r[0]) for r in rows)
-    print(f"loquant quantize {args.model} -> {out}  ({seconds:.1f} s)")
+    resumed_text = f", resumed after {resumed} of {checkpoint.blocks} blocks" if resumed else ""
+    print(f"loquant quantize {args.model} -> {out}  ({seconds:.1f} s{resumed_text})")
     for line in plan_lines:
         print(f"  {line}")
     for name, a, b in rows:
@@ -462,7 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--include", nargs="+", metavar="PATTERN", help="quantize only layers matching these globs")
     q.add_argument("--exclude", nargs="+", metavar="PATTERN", help="leave layers matching these globs in float")
     q.add_argument("--out", required=True, help="output folder (written atomically)")
-    q.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    q.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (and any OUT.partial)")
+    q.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.partial (same flags)")
     q.add_argument("--eval", action="store_true", help="measure perplexity before and after")
     _add_eval_args(q)
     q.set_defaults(func=cmd_quantize)

@@ -12,6 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from loquant.calibration import Calibration, InputStats, block_list, collect, fisher_diagonal, run_sequential
+from loquant.checkpoint import Checkpoint, block_key, group_blocks
 from loquant.corrections import DEFAULT_ITERS, METHODS, NEEDS_STATS, correct
 from loquant.corrections.methods import Quantizer
 from loquant.errors import LoquantError
@@ -205,6 +206,7 @@ def quantize(
     stats: Calibration | None = None,
     held_out: torch.Tensor | None = None,
     progress: bool = True,
+    checkpoint: Checkpoint | None = None,
 ) -> nn.Module:
     """Replace the targeted linear layers of `model` in place by QuantLinear; returns it.
 
@@ -215,7 +217,8 @@ def quantize(
       calib, with a copy of the float model taken before quantization as the teacher).
     Every target is checked first, and without `sequential` every layer is built before any
     is swapped in, so bad input leaves the model as it was. Seconds spent per phase are left
-    in `model.loquant_timings`.
+    in `model.loquant_timings`. checkpoint: keeps each finished block on disk and restores the
+    blocks an interrupted run finished (loquant.checkpoint).
     """
     config = config or QuantConfig()
     targets = _targets(model, config)
@@ -262,25 +265,42 @@ def quantize(
             bar.update()
         return built
 
+    groups = group_blocks([name for name, _, _, _ in targets])
+    by_name = {t[0]: t for t in targets}
+
+    def block_layers(i: int, stats, bar) -> list[tuple[str, QuantLinear]]:
+        restored = checkpoint.restore(i, modules) if checkpoint is not None else None
+        if restored is not None:
+            bar.update(len(restored))
+            return list(restored.items())
+        built = build([by_name[n] for n in groups[i]], stats, bar)
+        if checkpoint is not None:
+            checkpoint.save(i, len(groups), dict(built))
+        return built
+
     needs_stats = config.needs_stats
     with tqdm(total=len(targets), desc="quantize", disable=not progress, unit="layer") as bar:
         if needs_stats and config.sequential:
+            index = {block_key(g[0]): i for i, g in enumerate(groups)}
 
             def process_block(i, block_stats):
-                prefix = f"{block_prefix}.{i}."
-                for name, layer in build([t for t in targets if t[0].startswith(prefix)], block_stats, bar):
-                    model.set_submodule(name, layer)
+                if f"{block_prefix}.{i}." in index:
+                    for name, layer in block_layers(index[f"{block_prefix}.{i}."], block_stats, bar):
+                        model.set_submodule(name, layer)
 
             start = time.perf_counter()
             block_prefix = block_list(model, list(modules))[0]
             run_sequential(model, calib, modules, process_block, progress=False)
             timings["calibration_s"] = time.perf_counter() - start - timings["decomposition_s"]
         else:
+            done = checkpoint.blocks_done if checkpoint is not None else 0
             if needs_stats and stats is None:
                 start = time.perf_counter()
-                stats = collect(model, calib, modules, progress=progress)
+                todo = {n: modules[n] for g in groups[done:] for n in g}  # restored blocks need none
+                stats = collect(model, calib, todo, progress=progress) if todo else {}
                 timings["calibration_s"] = time.perf_counter() - start
-            for name, layer in build(targets, stats, bar):
+            built = [pair for i in range(len(groups)) for pair in block_layers(i, stats, bar)]
+            for name, layer in built:
                 model.set_submodule(name, layer)
     recipe = config.record()
     if teacher is not None:
