@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from loquant import distributed
 from loquant.checkpoint import Checkpoint
 from loquant.corrections import METHODS
 from loquant.data import calib_windows, eval_windows, load_text, tokenize
@@ -133,6 +134,8 @@ def cmd_quantize(args) -> None:
         },
     )
     needs_calib = config.needs_calibration or (budgeted and args.alloc_error in ("activation", "fisher"))
+    distributed.init_from_env()  # under torchrun: one process group, rank 0 writes
+    rank = distributed.world()[0]
     out = Path(args.out)
     partial = out.with_name(out.name + ".partial")
     if args.resume and _complete(out):
@@ -201,15 +204,19 @@ def cmd_quantize(args) -> None:
     float_bits = model_bits_per_weight(model)
     start = time.perf_counter()
     settings = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS}
+    distributed.barrier()  # every rank has checked OUT and OUT.partial before rank 0 writes
     checkpoint = Checkpoint(partial, json.loads(json.dumps(settings)))
     resumed = checkpoint.blocks_done
     try:
-        quantize(model, config, calib=calib, stats=stats, held_out=held_out, checkpoint=checkpoint)
+        quantize(model, config, calib=calib, stats=stats, held_out=held_out, checkpoint=checkpoint, progress=rank == 0)
     except LoquantError:
-        if not resumed:  # bad input: resuming cannot help, and nothing is left behind
+        if not resumed and rank == 0:  # bad input: resuming cannot help, and nothing is left behind
             shutil.rmtree(partial, ignore_errors=True)
         raise
     seconds = time.perf_counter() - start
+    if rank != 0:  # every rank holds the whole model; rank 0 writes and reports
+        distributed.barrier()
+        return
     # the finished model is written inside DIR.partial, then moved to DIR, then DIR.partial goes
     save(model, partial / "model", tokenizer, overwrite=True, extra_files=extra)
     if out.exists():
@@ -217,6 +224,7 @@ def cmd_quantize(args) -> None:
         shutil.rmtree(out) if out.is_dir() else out.unlink()
     os.replace(partial / "model", out)
     shutil.rmtree(partial)
+    distributed.barrier()
     after = _eval(model, tokenizer, args) if args.eval else None
     report = storage_report(
         model.config.quantization_config["layers"], {k: v.nbytes for k, v in model.state_dict().items()}

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from loquant import distributed
 from loquant.calibration import Calibration, InputStats, block_list, collect, fisher_diagonal, run_sequential
 from loquant.checkpoint import Checkpoint, block_key, group_blocks
 from loquant.corrections import DEFAULT_ITERS, METHODS, NEEDS_STATS, correct
@@ -273,8 +274,14 @@ def quantize(
         if restored is not None:
             bar.update(len(restored))
             return list(restored.items())
-        built = build([by_name[n] for n in groups[i]], stats, bar)
-        if checkpoint is not None:
+        own = distributed.mine([by_name[n] for n in groups[i]])
+        try:
+            built = build(own, stats, bar)
+        except LoquantError as err:
+            built = err
+        built = distributed.share(built, groups[i], modules)  # several processes: everyone's layers
+        bar.update(len(built) - len(own))
+        if checkpoint is not None and distributed.world()[0] == 0:
             checkpoint.save(i, len(groups), dict(built))
         return built
 

@@ -1,0 +1,71 @@
+"""Several processes (`torchrun --nproc-per-node N -m loquant quantize ...`): each builds a share
+of every block's layers, then all exchange them, so every rank holds the whole quantized model
+and rank 0 alone writes the folder (the same bytes as one process: building is deterministic
+and the exchange moves tensors as they are). NCCL on GPUs, gloo on CPU."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from loquant.errors import LoquantError
+from loquant.layers import QuantLinear
+
+
+def init_from_env() -> bool:
+    """Join the process group torchrun describes (WORLD_SIZE > 1); False for one process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return dist.is_initialized()
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return True
+
+
+def world() -> tuple[int, int]:
+    """(rank, size); (0, 1) outside a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def mine(items: list) -> list:
+    """This rank's share of a list (every size-th item)."""
+    rank, size = world()
+    return items[rank::size]
+
+
+def share(built: list[tuple[str, QuantLinear]] | LoquantError, order: list[str],
+          modules: dict[str, nn.Module]) -> list[tuple[str, QuantLinear]]:  # fmt: skip
+    """All ranks' built layers, in `order`; an error on any rank is raised on every rank."""
+    from loquant.model import layer_record
+
+    if world()[1] == 1:
+        if isinstance(built, LoquantError):
+            raise built
+        return built
+    if isinstance(built, LoquantError):
+        payload = str(built)
+    else:
+        payload = {n: (layer_record(q), {k: v.detach().cpu() for k, v in q.state_dict().items()}) for n, q in built}
+    gathered: list = [None] * world()[1]
+    dist.all_gather_object(gathered, payload)
+    errors = [g for g in gathered if isinstance(g, str)]
+    if errors:
+        raise LoquantError(errors[0])
+    layers = {}
+    for part in gathered:
+        for name, (record, state) in part.items():
+            weight = modules[name].weight
+            layer = QuantLinear.from_record(record, weight.dtype)
+            layer.load_state_dict(state)
+            layers[name] = layer.to(weight.device)
+    return [(n, layers[n]) for n in order]
+
+
+def barrier() -> None:
+    if world()[1] > 1:
+        dist.barrier()
