@@ -22,7 +22,8 @@ import signal
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from loquant.errors import LoquantError
 from loquant.layers import QuantLinear
@@ -77,20 +78,16 @@ class Checkpoint:
             return None
         file = self.path / "blocks" / f"{index:05d}.safetensors"
         try:
-            tensors = load_file(file)
-            from safetensors import safe_open
-
-            with safe_open(file, framework="pt") as f:
+            with safe_open(file, framework="pt") as f:  # one read: the tensors and their records
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
                 records = json.loads(f.metadata()["records"])
         except Exception as err:  # safetensors raises several types for damaged files
             raise LoquantError(f"{file}: unreadable ({err}): remove {self.path} or pass --overwrite") from None
         layers = {}
         for name, rec in records.items():
             weight = modules[name].weight
-            layer = QuantLinear.from_record(rec, weight.dtype)
-            layer.load_state_dict({k.removeprefix(f"{name}."): v for k, v in tensors.items()
-                                   if k.startswith(f"{name}.")})  # fmt: skip
-            layers[name] = layer.to(weight.device)
+            state = {k.removeprefix(f"{name}."): v for k, v in tensors.items() if k.startswith(f"{name}.")}
+            layers[name] = QuantLinear.from_state(rec, state, weight.dtype, weight.device)
         return layers
 
     def save(self, index: int, total: int, layers: dict[str, QuantLinear]) -> None:

@@ -60,9 +60,7 @@ def share(built: list[tuple[str, QuantLinear]] | LoquantError, order: list[str],
     for part in gathered:
         for name, (record, state) in part.items():
             weight = modules[name].weight
-            layer = QuantLinear.from_record(record, weight.dtype)
-            layer.load_state_dict(state)
-            layers[name] = layer.to(weight.device)
+            layers[name] = QuantLinear.from_state(record, state, weight.dtype, weight.device)
     return [(n, layers[n]) for n in order]
 
 

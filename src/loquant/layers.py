@@ -74,6 +74,13 @@ class QuantLinear(nn.Module):
                    device=device)  # fmt: skip
 
     @classmethod
+    def from_state(cls, rec: dict, state: dict[str, torch.Tensor], dtype: torch.dtype, device=None) -> QuantLinear:
+        """A layer rebuilt from its record and state dict (a resumed or a distributed run)."""
+        layer = cls.from_record(rec, dtype)
+        layer.load_state_dict(state)
+        return layer.to(device)
+
+    @classmethod
     def from_tensors(
         cls,
         tensors: dict[str, torch.Tensor],

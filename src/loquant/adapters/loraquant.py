@@ -231,7 +231,7 @@ def compress_pair(A: torch.Tensor, B: torch.Tensor, scale: float, config: LoraQu
     record = {"rank": r, "high_rank": h, "in_features": n, "out_features": m, "scaling": scale,
               "params": r * (n + m), "bytes": sum(t.numel() * t.element_size() for t in tensors.values())}  # fmt: skip
     B_hat, A_hat = dequantize_pair(tensors, record, config)
-    err = float(product_error(B_hat.double(), A_hat.double(), B.double(), A.double(), scale))
+    err = float(product_error(B_hat, A_hat, B, A, scale))
     record["rel_error"] = math.sqrt(max(err, 0.0) / max(float((sigma.double() ** 2).sum()), 1e-300))
     record["bits"] = 8 * record["bytes"] / record["params"]
     if history:
@@ -260,22 +260,32 @@ def rtn_pair(A: torch.Tensor, B: torch.Tensor, scale: float, bits: int, group_si
     return B_hat, A_hat, 8 * nbytes / (A.numel() + B.numel())
 
 
+def write_peft(out_dir: str | Path, config: dict, pairs: dict[str, tuple], *, overwrite: bool = False) -> Path:
+    """A PEFT LoRA folder (atomically): pairs maps each layer's key to (B̂, Â, scaling, dtype),
+    B̂ with the scaling folded in, so lora_B = B̂ / scaling under the unchanged config."""
+    from loquant.serialization import atomic_dir
+
+    tensors = {}
+    for key, (B_hat, A_hat, scaling, dtype) in pairs.items():
+        tensors[f"{key}.lora_A.weight"] = A_hat.to(dtype).contiguous()
+        tensors[f"{key}.lora_B.weight"] = (B_hat / scaling).to(dtype).contiguous()
+    with atomic_dir(Path(out_dir), overwrite) as tmp:
+        save_file(tensors, tmp / PEFT_WEIGHTS[0], metadata={"format": "pt"})
+        (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return Path(out_dir)
+
+
 def rtn_adapter(adapter: str | Path, out_dir: str | Path, bits: int, group_size: int = -1) -> float:
     """The baseline for a whole adapter: `rtn_pair` on every layer, written (dequantized) as a
     PEFT folder with the original config. Returns its stored bits per adapter parameter."""
-    from loquant.serialization import atomic_dir
-
     config, layers = read_peft(adapter)
-    tensors, stored, params = {}, 0.0, 0
+    pairs, stored, params = {}, 0.0, 0
     for layer in layers.values():
         B_hat, A_hat, b = rtn_pair(layer["A"], layer["B"], layer["scaling"], bits, group_size)
-        tensors[f"{layer['key']}.lora_A.weight"] = A_hat.contiguous()
-        tensors[f"{layer['key']}.lora_B.weight"] = (B_hat / layer["scaling"]).contiguous()
+        pairs[layer["key"]] = (B_hat, A_hat, layer["scaling"], torch.float32)
         n = layer["A"].numel() + layer["B"].numel()
         stored, params = stored + b * n, params + n
-    with atomic_dir(Path(out_dir), overwrite=True) as tmp:
-        save_file(tensors, tmp / PEFT_WEIGHTS[0], metadata={"format": "pt"})
-        (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_peft(out_dir, config, pairs, overwrite=True)
     return stored / params
 
 
@@ -535,19 +545,11 @@ def read_compressed(path: str | Path) -> tuple[dict, dict[str, tuple[torch.Tenso
 
 def to_peft(path: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:
     """Write the compressed adapter, dequantized, as a PEFT LoRA folder with the original config."""
-    from loquant.serialization import atomic_dir
-
     meta, pairs = read_compressed(path)
-    tensors = {}
-    for name, (B_hat, A_hat) in pairs.items():
-        rec = meta["layers"][name]
-        dtype = getattr(torch, rec["dtype"])
-        tensors[f"{rec['key']}.lora_A.weight"] = A_hat.to(dtype).contiguous()
-        tensors[f"{rec['key']}.lora_B.weight"] = (B_hat / rec["scaling"]).to(dtype).contiguous()
-    with atomic_dir(Path(out_dir), overwrite) as tmp:
-        save_file(tensors, tmp / PEFT_WEIGHTS[0], metadata={"format": "pt"})
-        (tmp / PEFT_CONFIG).write_text(json.dumps(meta["peft_config"], indent=2, sort_keys=True) + "\n")
-    return Path(out_dir)
+    layers = meta["layers"]
+    pairs = {layers[n]["key"]: (B_hat, A_hat, layers[n]["scaling"], getattr(torch, layers[n]["dtype"]))
+             for n, (B_hat, A_hat) in pairs.items()}  # fmt: skip
+    return write_peft(out_dir, meta["peft_config"], pairs, overwrite=overwrite)
 
 
 # --- packed on a loquant base ----------------------------------------------------------------
