@@ -29,3 +29,10 @@ def test_two_gloo_processes_write_the_single_process_bytes(checkpoint, corpus, t
     for name in names:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
     assert not (tmp_path / "two.partial").exists()
+
+
+def test_each_rank_builds_every_size_th_layer(monkeypatch):
+    import loquant.distributed as d
+
+    monkeypatch.setattr(d, "world", lambda: (1, 3))
+    assert d.mine(list(range(7))) == [1, 4]
