@@ -27,7 +27,7 @@ from loquant.allocation import default_candidates, error_table, solve, storage_b
 from loquant.calibration import collect, fisher_diagonal
 from loquant.data import calib_windows, eval_windows, load_text, tokenize
 from loquant.evaluate import perplexity
-from loquant.model import _targets
+from loquant.model import targets_of
 from loquant.sources import load_model
 from loquant.storage import model_bits_per_weight
 
@@ -64,7 +64,7 @@ def main() -> None:
     test = eval_windows(tokenize(tokenizer, load_text("sotu-test")), 512, 40)
     calib = calib_windows(tokenize(tokenizer, load_text("sotu-calib")), 512, 64, seed=0)
     config = QuantConfig()
-    targets = _targets(model, config)
+    targets = targets_of(model, config)
     modules = {n: m for n, m, _, _ in targets}
     weights = {n: w for n, _, w, _ in targets}
     t = time.perf_counter()

@@ -19,7 +19,7 @@ from loquant.allocation import default_candidates, error_table, solve, storage_b
 from loquant.calibration import collect, fisher_diagonal
 from loquant.data import calib_windows, eval_windows, load_text, tokenize
 from loquant.evaluate import perplexity
-from loquant.model import _targets
+from loquant.model import targets_of
 from loquant.sources import load_model
 from loquant.storage import model_bits_per_weight
 
@@ -28,7 +28,7 @@ def main() -> None:
     model, tok = load_model("smollm2-135m")
     val = eval_windows(tokenize(tok, load_text("sotu-val")), 512, 20)
     calib = calib_windows(tokenize(tok, load_text("sotu-calib")), 512, 64, seed=0)
-    targets = _targets(model, QuantConfig())
+    targets = targets_of(model, QuantConfig())
     weights = {n: w for n, _, w, _ in targets}
     modules = {n: m for n, m, _, _ in targets}
     stats = collect(model, calib, modules, progress=False)

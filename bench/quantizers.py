@@ -36,7 +36,7 @@ from loquant.calibration import InputStats, collect
 from loquant.data import calib_windows, eval_windows, load_text, tokenize
 from loquant.evaluate import perplexity
 from loquant.formats import WeightFormat, quantize_weight
-from loquant.model import QuantConfig, _targets, base_quantizer, quantize
+from loquant.model import QuantConfig, targets_of, base_quantizer, quantize
 from loquant.rilq import RilqConfig
 from loquant.sources import load_model
 
@@ -97,7 +97,7 @@ def quality(args) -> None:
     test = eval_windows(tokenize(tokenizer, load_text("sotu-test")), 512, 40)
     val = eval_windows(tokenize(tokenizer, load_text("sotu-val")), 512, 40)
     calib = calib_windows(tokenize(tokenizer, load_text("sotu-calib")), 512, 64, 0)
-    targets = {name: module for name, module, _, _ in _targets(model, QuantConfig())}
+    targets = {name: module for name, module, _, _ in targets_of(model, QuantConfig())}
     start = time.perf_counter()
     stats = collect(model, calib, targets, progress=False)
     print(f"statistics: {time.perf_counter() - start:.1f} s", flush=True)

@@ -16,7 +16,7 @@ from loquant.allocation import (
 )
 from loquant.calibration import collect
 from loquant.formats import WeightFormat, fake_quantize, quantize_weight
-from loquant.model import _targets
+from loquant.model import targets_of
 from loquant.storage import storage_report
 
 from cli_helpers import run, tiny_calib
@@ -71,7 +71,7 @@ CALIB = torch.randint(0, 128, (8, 24), generator=torch.Generator().manual_seed(0
 
 def test_error_table_orders_bits():
     model = tiny_model("llama")
-    targets = _targets(model, QuantConfig())
+    targets = targets_of(model, QuantConfig())
     weights = {n: w for n, _, w, _ in targets}
     stats = collect(model, CALIB, {n: m for n, m, _, _ in targets}, progress=False)
     cands = [WeightFormat("int", 2, 32), WeightFormat("int", 4, 32), WeightFormat("int", 8, 32)]
@@ -156,7 +156,7 @@ def test_cli_budget_errors(checkpoint, corpus, tmp_path, capsys):
 
 def test_fisher_error_is_the_weighted_squared_error():
     model = tiny_model("llama")
-    weights = {n: w for n, _, w, _ in _targets(model, QuantConfig())}
+    weights = {n: w for n, _, w, _ in targets_of(model, QuantConfig())}
     fisher = {n: torch.rand_like(w) for n, w in weights.items()}
     cand = WeightFormat("nf", 3, 32)
     table = error_table(weights, [cand], kind="fisher", fisher=fisher, progress=False)

@@ -14,7 +14,7 @@ def test_one_process_owns_everything():
     assert world() == (0, 1) and mine([1, 2, 3]) == [1, 2, 3]
 
 
-@pytest.mark.parametrize("extra", [[], ["--sequential"]], ids=["one-pass", "sequential"])
+@pytest.mark.parametrize("extra", [[], ["--sequential"], ["--stream"]], ids=["one-pass", "sequential", "stream"])
 def test_two_gloo_processes_write_the_single_process_bytes(checkpoint, corpus, tmp_path, capsys, extra):
     args = ["quantize", checkpoint, "--bits", "3", "--group-size", "32", "--rank", "4", "--method", "qera-exact",
             *tiny_calib(corpus), *extra]  # fmt: skip

@@ -120,10 +120,10 @@ def test_correction_input_errors():
 def output_error(config) -> float:
     """Σ over layers of tr(E R Eᵀ), E = W - deq(W), R from the float model's inputs on CALIB."""
     from loquant.calibration import collect
-    from loquant.model import _targets
+    from loquant.model import targets_of
 
     float_model = tiny_model("llama")
-    layers = {name: module for name, module, _, _ in _targets(float_model, config)}
+    layers = {name: module for name, module, _, _ in targets_of(float_model, config)}
     stats = collect(float_model, CALIB, layers, progress=False)
     model = quantize(tiny_model("llama"), config, calib=CALIB, progress=False)
     total = 0.0

@@ -198,11 +198,11 @@ def allocate(
     """
     from loquant.calibration import collect, fisher_diagonal
     from loquant.corrections import NEEDS_STATS
-    from loquant.model import Conv1D, _targets
+    from loquant.model import Conv1D, targets_of
 
     if (budget_bits_per_weight is None) == (budget_gb is None):
         raise LoquantError("give exactly one of --budget and --budget-gb")
-    targets = _targets(model, config)
+    targets = targets_of(model, config)
     weights = {name: w for name, _, w, _ in targets}
     modules = {name: m for name, m, _, _ in targets}
     shapes = {name: tuple(w.shape) for name, w in weights.items()}

@@ -142,6 +142,64 @@ def block_list(model: nn.Module, layers: list[str]) -> tuple[str, nn.ModuleList]
     return best[0], best[1]
 
 
+def capture_inputs(model: nn.Module, windows: torch.Tensor, first_block: nn.Module,
+                   batch_size: int = 4) -> list[tuple[tuple, dict]]:  # fmt: skip
+    """The (args, kwargs) the first block is called with, per batch of windows: the model's
+    own forward up to that block, so positions, masks and rotary embeddings come from it."""
+    captured: list[tuple[tuple, dict]] = []
+
+    def grab(module, args, kwargs):
+        captured.append((args, kwargs))
+        raise _StopForward
+
+    handle = first_block.register_forward_pre_hook(grab, with_kwargs=True)
+    device = next(p for p in model.parameters() if p.device.type != "meta").device
+    try:
+        with torch.inference_mode():
+            for batch in windows.split(batch_size):
+                try:
+                    model(input_ids=batch.to(device), use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def hidden_of(inputs: tuple[tuple, dict]) -> torch.Tensor:
+    args, kwargs = inputs
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def with_hidden(inputs: tuple[tuple, dict], hidden: torch.Tensor) -> tuple[tuple, dict]:
+    """The same block call with other hidden states (a block's output feeds the next block)."""
+    args, kwargs = inputs
+    return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
+
+
+def block_output(block: nn.Module, inputs: tuple[tuple, dict]) -> torch.Tensor:
+    out = block(*inputs[0], **inputs[1])
+    return out[0] if isinstance(out, tuple) else out
+
+
+def block_stats(block: nn.Module, layers: dict[str, nn.Module], inputs,
+                on_output: Callable[[int, torch.Tensor], None] | None = None) -> Calibration:  # fmt: skip
+    """Input statistics of `layers` (inside `block`) over the cached block inputs, a sequence
+    of (args, kwargs); `on_output(j, hidden)` receives each batch's block output as it comes."""
+    calib = Calibration()
+    collector = _Collector(layers, calib)
+    try:
+        with torch.inference_mode():
+            for j, call in enumerate(inputs):
+                out = block_output(block, call)
+                collector.end_batch()
+                if on_output is not None:
+                    on_output(j, out)
+    finally:
+        collector.remove()
+    return calib
+
+
 def run_sequential(
     model: nn.Module,
     windows: torch.Tensor,
@@ -153,50 +211,19 @@ def run_sequential(
 ) -> None:
     """Calibrate block by block on the outputs of the already processed blocks before it.
 
-    The inputs of the first block are captured once (args and kwargs, so positions, masks and
-    rotary embeddings come from the model itself); each block then gathers its statistics,
-    `process_block(i, calib)` quantizes and corrects it, and its new outputs feed the next.
+    The inputs of the first block are captured once (capture_inputs); each block then gathers
+    its statistics, `process_block(i, calib)` quantizes and corrects it, and its new outputs
+    feed the next.
     """
     prefix, blocks = block_list(model, list(layers))
-    captured: list[tuple[tuple, dict]] = []
-
-    def grab(module, args, kwargs):
-        captured.append((args, kwargs))
-        raise _StopForward
-
-    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
-    device = next(model.parameters()).device
-    try:
-        with torch.inference_mode():
-            for batch in windows.split(batch_size):
-                try:
-                    model(input_ids=batch.to(device), use_cache=False)
-                except _StopForward:
-                    pass
-    finally:
-        handle.remove()
+    captured = capture_inputs(model, windows, blocks[0], batch_size)
     for i in tqdm(range(len(blocks)), desc="sequential", disable=not progress, unit="block"):
-        block = blocks[i]
         mine = {n: m for n, m in layers.items() if n.startswith(f"{prefix}.{i}.")}
-        calib = Calibration()
-        collector = _Collector(mine, calib)
-        try:
-            with torch.inference_mode():
-                for args, kwargs in captured:
-                    block(*args, **kwargs)
-                    collector.end_batch()
-        finally:
-            collector.remove()
+        calib = block_stats(blocks[i], mine, captured)
         process_block(i, calib)
         block = blocks[i]  # process_block may have swapped layers inside it, not the block itself
         with torch.inference_mode():
-            for j, (args, kwargs) in enumerate(captured):
-                out = block(*args, **kwargs)
-                hidden = out[0] if isinstance(out, tuple) else out
-                if args:
-                    captured[j] = ((hidden, *args[1:]), kwargs)
-                else:
-                    captured[j] = (args, {**kwargs, "hidden_states": hidden})
+            captured = [with_hidden(call, block_output(block, call)) for call in captured]
 
 
 def fisher_diagonal(

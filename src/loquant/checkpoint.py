@@ -2,8 +2,11 @@
 
     DIR.partial/settings.json        what the run was started with; a resume must match it
     DIR.partial/progress.json        {"blocks_done": n, "blocks": N}
-    DIR.partial/blocks/NNNNN.safetensors   the finished QuantLinear layers of block n (their
-                                     records in the file's metadata)
+    DIR.partial/blocks/NNNNN.safetensors   the finished QuantLinear layers of block n
+    DIR.partial/blocks/NNNNN.json    their records, and every tensor's digest (kept beside the
+                                     file: safetensors metadata of several keys is written in an
+                                     order that changes between processes, and a streamed
+                                     block file becomes a shard of the model as it is)
 
 A block is the set of target layers that share a path up to their first numeric part
 (`model.layers.3.`); layers outside any block form one last group. Each block file and
@@ -22,8 +25,7 @@ import signal
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from loquant.errors import LoquantError
 from loquant.layers import QuantLinear
@@ -76,11 +78,9 @@ class Checkpoint:
         """The saved layers of block `index` (None if it is not done yet)."""
         if index >= self.blocks_done:
             return None
-        file = self.path / "blocks" / f"{index:05d}.safetensors"
+        file, records = self.block_file(index), self.records(index)
         try:
-            with safe_open(file, framework="pt") as f:  # one read: the tensors and their records
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-                records = json.loads(f.metadata()["records"])
+            tensors = load_file(file)
         except Exception as err:  # safetensors raises several types for damaged files
             raise LoquantError(f"{file}: unreadable ({err}): remove {self.path} or pass --overwrite") from None
         layers = {}
@@ -90,8 +90,27 @@ class Checkpoint:
             layers[name] = QuantLinear.from_state(rec, state, weight.dtype, weight.device)
         return layers
 
-    def save(self, index: int, total: int, layers: dict[str, QuantLinear]) -> None:
+    def records(self, index: int) -> dict[str, dict]:
+        """The layer records of finished block `index`."""
+        return self.block_info(index)["records"]
+
+    def block_info(self, index: int) -> dict:
+        """{"records": layer records, "digests": tensor digests} of finished block `index`."""
+        file = self.block_file(index).with_suffix(".json")
+        try:
+            return json.loads(file.read_text())
+        except (OSError, ValueError) as err:
+            raise LoquantError(f"{file}: unreadable ({err}): pass --overwrite") from None
+
+    def block_file(self, index: int) -> Path:
+        return self.path / "blocks" / f"{index:05d}.safetensors"
+
+    def save(self, index: int, total: int, layers: dict[str, QuantLinear],
+             extra: dict[str, torch.Tensor] | None = None) -> None:  # fmt: skip
+        """Keep block `index`'s layers (and `extra` tensors: a streamed block's other weights,
+        so the file is that block's final shard, with every tensor's digest in its metadata)."""
         from loquant.model import layer_record
+        from loquant.serialization import digest
 
         blocks = self.path / "blocks"
         blocks.mkdir(parents=True, exist_ok=True)
@@ -99,10 +118,13 @@ class Checkpoint:
             _write_json(self.path / "settings.json", self.settings)
         tensors = {f"{n}.{k}": v.detach().cpu().contiguous() for n, layer in layers.items()
                    for k, v in layer.state_dict().items()}  # fmt: skip
-        records = json.dumps({n: layer_record(layer) for n, layer in layers.items()}, sort_keys=True)
+        tensors.update(extra or {})
+        info = {"records": {n: layer_record(layer) for n, layer in layers.items()},
+                "digests": {n: digest(t) for n, t in tensors.items()}}  # fmt: skip
+        _write_json(self.block_file(index).with_suffix(".json"), info)
         tmp = blocks / f".{index:05d}.tmp"
-        save_file(tensors, tmp, metadata={"format": "pt", "records": records})
-        os.replace(tmp, blocks / f"{index:05d}.safetensors")
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        os.replace(tmp, self.block_file(index))
         self.blocks_done, self.blocks = index + 1, total
         _write_json(self.path / "progress.json", {"blocks_done": self.blocks_done, "blocks": total})
         if os.environ.get(KILL_AFTER_ENV) == str(index):

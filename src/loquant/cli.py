@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from loquant import distributed
 from loquant.checkpoint import Checkpoint
 from loquant.corrections import METHODS
@@ -19,7 +21,7 @@ from loquant.evaluate import perplexity
 from loquant.model import MODEL_METHODS, QUANTIZERS, QuantConfig, quant_layers, quantize
 from loquant.qat import MODES as QAT_MODES
 from loquant.rilq import RilqConfig
-from loquant.serialization import ensure_writable, read_config, save, tensor_nbytes
+from loquant.serialization import ensure_writable, read_config, save, tensor_nbytes, weight_files
 from loquant.sources import load_model
 from loquant.storage import memory_bytes, model_bits_per_weight, storage_report
 
@@ -63,15 +65,54 @@ def _eval(model, tokenizer, args) -> dict:
 
 
 # quantize flags that do not change the saved model (a resumed run may differ in them)
-_NOT_SETTINGS = ("func", "command", "resume", "overwrite", "eval", "corpus", "seq_len", "windows", "batch_size")
+_NOT_SETTINGS = (
+    "func",
+    "command",
+    "resume",
+    "overwrite",
+    "eval",
+    "corpus",
+    "seq_len",
+    "windows",
+    "batch_size",
+    "offload_activations",
+)
 
 
 def _complete(out: Path) -> bool:
     try:
         read_config(out)
+        return all(f.is_file() for f in weight_files(out))
     except LoquantError:
         return False
-    return (out / "model.safetensors").is_file()
+
+
+def _check_stream(args, config: QuantConfig, budgeted: bool) -> None:
+    """--stream reads a safetensors folder block by block: what needs the whole model is refused."""
+    refused = {
+        "--budget/--budget-gb": budgeted,
+        "--eval (evaluate OUT with `loquant eval`)": args.eval,
+        "--method rilq": config.method == "rilq",
+        "--fisher": config.fisher,
+    }
+    for flag, given in refused.items():
+        if given:
+            raise LoquantError(f"--stream quantizes one block at a time and cannot take {flag}")
+    if not Path(args.model).is_dir():
+        raise LoquantError(f"--stream reads a local folder of safetensors shards; {args.model} is not a folder")
+
+
+def _stream_tokenizer(folder: str, needed: bool):
+    """The source folder's tokenizer (saved with the model); calibration cannot do without it."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError) as err:
+        if needed:
+            why = str(err).splitlines()[0]
+            raise LoquantError(f"{folder}: no tokenizer for the calibration text ({why})") from None
+        return None
 
 
 def cmd_quantize(args) -> None:
@@ -134,6 +175,10 @@ def cmd_quantize(args) -> None:
         },
     )
     needs_calib = config.needs_calibration or (budgeted and args.alloc_error in ("activation", "fisher"))
+    if args.stream:
+        _check_stream(args, config, budgeted)
+    elif args.offload_activations:
+        raise LoquantError("--offload-activations keeps a streamed run's activations on disk: add --stream")
     distributed.init_from_env()  # under torchrun: one process group, rank 0 writes
     rank = distributed.world()[0]
     out = Path(args.out)
@@ -155,7 +200,7 @@ def cmd_quantize(args) -> None:
     if rilq and held_name is not None and held_name in (args.calib, args.corpus if args.eval else None):
         raise LoquantError(f"rilq's early stopping cannot hold out {held_name}: it is calibrated or evaluated on")
     calib_text = load_text(args.calib) if needs_calib else None
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = (None, _stream_tokenizer(args.model, needs_calib)) if args.stream else load_model(args.model)
     calib = held_out = None
     if calib_text is not None:
         ids = tokenize(tokenizer, calib_text)
@@ -201,14 +246,23 @@ def cmd_quantize(args) -> None:
             *info["summary"],
         ]
     before = _eval(model, tokenizer, args) if args.eval else None
-    float_bits = model_bits_per_weight(model)
+    float_bits = None if args.stream else model_bits_per_weight(model)
     start = time.perf_counter()
     settings = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS}
     distributed.barrier()  # every rank has checked OUT and OUT.partial before rank 0 writes
     checkpoint = Checkpoint(partial, json.loads(json.dumps(settings)))
     resumed = checkpoint.blocks_done
     try:
-        quantize(model, config, calib=calib, stats=stats, held_out=held_out, checkpoint=checkpoint, progress=rank == 0)
+        if args.stream:
+            from loquant.streaming import quantize_streaming
+
+            offload = partial / "activations" if args.offload_activations else None
+            model = quantize_streaming(args.model, partial / "model", config, checkpoint, calib=calib,
+                                       tokenizer=tokenizer, offload=offload, progress=rank == 0)  # fmt: skip
+            float_bits = float(torch.finfo(model.dtype).bits)  # the source's
+        else:
+            quantize(model, config, calib=calib, stats=stats, held_out=held_out, checkpoint=checkpoint,
+                     progress=rank == 0)  # fmt: skip
     except LoquantError:
         if not resumed and rank == 0:  # bad input: resuming cannot help, and nothing is left behind
             shutil.rmtree(partial, ignore_errors=True)
@@ -218,7 +272,8 @@ def cmd_quantize(args) -> None:
         distributed.barrier()
         return
     # the finished model is written inside DIR.partial, then moved to DIR, then DIR.partial goes
-    save(model, partial / "model", tokenizer, overwrite=True, extra_files=extra)
+    if not args.stream:  # a streamed model is written as it goes
+        save(model, partial / "model", tokenizer, overwrite=True, extra_files=extra)
     if out.exists():
         ensure_writable(out, args.overwrite)
         shutil.rmtree(out) if out.is_dir() else out.unlink()
@@ -226,9 +281,8 @@ def cmd_quantize(args) -> None:
     shutil.rmtree(partial)
     distributed.barrier()
     after = _eval(model, tokenizer, args) if args.eval else None
-    report = storage_report(
-        model.config.quantization_config["layers"], {k: v.nbytes for k, v in model.state_dict().items()}
-    )
+    nbytes = tensor_nbytes(out) if args.stream else {k: v.nbytes for k, v in model.state_dict().items()}
+    report = storage_report(model.config.quantization_config["layers"], nbytes)
     float_mb = report["weights"] * float_bits / 8 / 2**20
     rows = [
         ("", "float", "mixed (plan)" if config.overrides else config.base_format().describe()),
@@ -511,6 +565,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (and any OUT.partial)")
     q.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.partial (same flags)")
     q.add_argument("--eval", action="store_true", help="measure perplexity before and after")
+    q.add_argument("--stream", action="store_true",
+                   help="read a safetensors folder block by block: memory about one block, whatever the depth; "
+                        "OUT is written as shards")  # fmt: skip
+    q.add_argument(
+        "--offload-activations",
+        action="store_true",
+        help="--stream: keep the calibration activations in OUT.partial/ on disk instead of memory",
+    )
     _add_eval_args(q)
     q.set_defaults(func=cmd_quantize)
 

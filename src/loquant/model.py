@@ -222,7 +222,7 @@ def quantize(
     blocks an interrupted run finished (loquant.checkpoint).
     """
     config = config or QuantConfig()
-    targets = _targets(model, config)
+    targets = targets_of(model, config)
     if stats is not None and config.sequential:
         raise LoquantError("sequential calibration gathers its own statistics: pass calib, not stats")
     if config.needs_calibration and calib is None and (stats is None or config.fisher):
@@ -240,50 +240,12 @@ def quantize(
         fisher = {n: f.t() if isinstance(modules[n], Conv1D) else f for n, f in fisher.items()}  # to (out x in)
         timings["fisher_s"] = time.perf_counter() - start
 
-    def build(chosen, stats, bar) -> list[tuple[str, QuantLinear]]:
-        built = []
-        for name, module, weight, fmt in chosen:
-            start = time.perf_counter()
-            try:
-                layer_stats = stats[name] if stats is not None and name in stats else None
-                result = correct(
-                    weight,
-                    fmt,
-                    config.layer_method,
-                    config.rank,
-                    stats=layer_stats,
-                    fisher=fisher[name] if fisher else None,
-                    iters=config.iters,
-                    damping=config.damping,
-                    quantizer=base_quantizer(config.quantizer, layer_stats, act_order=config.act_order),
-                )
-            except LoquantError as err:
-                raise LoquantError(f"layer {name}: {err}") from None
-            layer = QuantLinear.from_tensors(result.tensors, fmt, tuple(weight.shape), module.bias, weight.dtype)
-            layer.set_correction(result.A, result.B)
-            built.append((name, layer))
-            timings["decomposition_s"] += time.perf_counter() - start
-            bar.update()
-        return built
-
     groups = group_blocks([name for name, _, _, _ in targets])
     by_name = {t[0]: t for t in targets}
+    builder = BlockBuilder(config, fisher, checkpoint, len(groups), timings)
 
     def block_layers(i: int, stats, bar) -> list[tuple[str, QuantLinear]]:
-        restored = checkpoint.restore(i, modules) if checkpoint is not None else None
-        if restored is not None:
-            bar.update(len(restored))
-            return list(restored.items())
-        own = distributed.mine([by_name[n] for n in groups[i]])
-        try:
-            built = build(own, stats, bar)
-        except LoquantError as err:
-            built = err
-        built = distributed.share(built, groups[i], modules)  # several processes: everyone's layers
-        bar.update(len(built) - len(own))
-        if checkpoint is not None and distributed.world()[0] == 0:
-            checkpoint.save(i, len(groups), dict(built))
-        return built
+        return builder.block(i, [by_name[n] for n in groups[i]], stats, bar)
 
     needs_stats = config.needs_stats
     with tqdm(total=len(targets), desc="quantize", disable=not progress, unit="layer") as bar:
@@ -320,6 +282,63 @@ def quantize(
     return model
 
 
+def build_layer(name: str, module: nn.Module, weight: torch.Tensor, fmt: WeightFormat, config: QuantConfig,
+                stats: Calibration | None = None, fisher: dict | None = None) -> QuantLinear:  # fmt: skip
+    """One target quantized and corrected as `config` says."""
+    try:
+        layer_stats = stats[name] if stats is not None and name in stats else None
+        result = correct(
+            weight,
+            fmt,
+            config.layer_method,
+            config.rank,
+            stats=layer_stats,
+            fisher=fisher[name] if fisher else None,
+            iters=config.iters,
+            damping=config.damping,
+            quantizer=base_quantizer(config.quantizer, layer_stats, act_order=config.act_order),
+        )
+    except LoquantError as err:
+        raise LoquantError(f"layer {name}: {err}") from None
+    layer = QuantLinear.from_tensors(result.tensors, fmt, tuple(weight.shape), module.bias, weight.dtype)
+    layer.set_correction(result.A, result.B)
+    return layer
+
+
+class BlockBuilder:
+    """Builds one block's layers: restored from the checkpoint if an earlier run finished it,
+    else split across processes (loquant.distributed), built, exchanged and checkpointed."""
+
+    def __init__(self, config: QuantConfig, fisher: dict | None, checkpoint: Checkpoint | None, total: int,
+                 timings: dict) -> None:  # fmt: skip
+        self.config, self.fisher, self.checkpoint, self.total, self.timings = config, fisher, checkpoint, total, timings
+
+    def block(self, i: int, targets: list, stats: Calibration | None, bar,
+              extra: dict[str, torch.Tensor] | None = None) -> list[tuple[str, QuantLinear]]:  # fmt: skip
+        """targets: (name, module, weight, fmt) of block i; extra: float tensors its checkpoint
+        file also keeps (a streamed block's norms)."""
+        modules = {name: module for name, module, _, _ in targets}
+        restored = self.checkpoint.restore(i, modules) if self.checkpoint is not None else None
+        if restored is not None:
+            bar.update(len(restored))
+            return list(restored.items())
+        own = distributed.mine(targets)
+        built: list | LoquantError = []
+        try:
+            for name, module, weight, fmt in own:
+                start = time.perf_counter()
+                built.append((name, build_layer(name, module, weight, fmt, self.config, stats, self.fisher)))
+                self.timings["decomposition_s"] += time.perf_counter() - start
+                bar.update()
+        except LoquantError as err:
+            built = err
+        built = distributed.share(built, [t[0] for t in targets], modules)  # several processes: everyone's layers
+        bar.update(len(built) - len(own))
+        if self.checkpoint is not None and distributed.world()[0] == 0:
+            self.checkpoint.save(i, self.total, dict(built), extra)
+        return built
+
+
 def base_quantizer(name: str, stats: InputStats | None = None, *, act_order: bool = False) -> Quantizer:
     """The (W, fmt) -> stored tensors function of a base quantizer; GPTQ reads the layer's R."""
     if name == "rtn":
@@ -335,14 +354,22 @@ def base_quantizer(name: str, stats: InputStats | None = None, *, act_order: boo
     return lambda W, fmt: gptq_quantize(W.float(), fmt, stats.R.to(W.device), act_order=act_order)
 
 
-def _targets(model: nn.Module, config: QuantConfig) -> list[tuple[str, nn.Module, torch.Tensor, WeightFormat]]:
+def check_finite(name: str, weight: torch.Tensor) -> None:
+    if not torch.isfinite(weight).all():
+        raise LoquantError(f"layer {name}: weight contains NaN or Inf")
+
+
+def targets_of(model: nn.Module, config: QuantConfig, *, check_values: bool = True,
+               ) -> list[tuple[str, nn.Module, torch.Tensor, WeightFormat]]:  # fmt: skip
+    """(name, module, weight, format) of every layer `config` quantizes; check_values=False
+    for a skeleton whose weights are not loaded yet (loquant.streaming checks each block)."""
     targets = []
     for name, module in model.named_modules():
         weight = linear_weight(module)
         if weight is None or not config.selects(name):
             continue
-        if not torch.isfinite(weight).all():
-            raise LoquantError(f"layer {name}: weight contains NaN or Inf")
+        if check_values:
+            check_finite(name, weight)
         if config.corrects and config.rank > min(weight.shape):
             raise LoquantError(f"layer {name}: rank {config.rank} exceeds min(out, in) = {min(weight.shape)}")
         targets.append((name, module, weight.detach(), config.format_for(name)))

@@ -1,5 +1,8 @@
 """Save and load quantized models: config.json + model.safetensors + tokenizer, atomically.
 
+A streamed run (loquant.streaming) writes its weights as shards instead, one per block, named
+in model.safetensors.index.json as transformers does; every reader here takes either.
+
 The folder is deterministic (same inputs, same bytes): config keys are sorted, safetensors
 orders tensors itself, and nothing run-dependent is written. Each tensor's blake2b digest is
 recorded in quantization_config["checksums"] (not in the safetensors metadata, whose key
@@ -29,6 +32,26 @@ from loquant.layers import QuantLinear
 from loquant.model import QUANT_METHOD, quant_layers, update_quantization_config
 
 WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+
+
+def shard_name(i: int, total: int) -> str:
+    """transformers' shard names, counted from 1."""
+    return f"model-{i:05d}-of-{total:05d}.safetensors"
+
+
+def weight_files(path: Path) -> list[Path]:
+    """A saved folder's safetensors files: model.safetensors, or the shards its index names."""
+    index = path / INDEX
+    if not index.is_file():
+        return [path / WEIGHTS]
+    try:
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
+        raise LoquantError(f"{index}: corrupt index ({err})") from None
+    if not names or any(Path(n).name != n for n in names):
+        raise LoquantError(f"{index}: the weight map must name shard files in the folder")
+    return [path / n for n in names]
 
 
 def digest(t: torch.Tensor) -> str:
@@ -92,18 +115,23 @@ def save(
     out = Path(out_dir)
     update_quantization_config(model)
     tensors = _unique_state_dict(model)
-    config = model.config.to_dict()
-    config["architectures"] = [type(model).__name__]
-    config["dtype"] = str(_float_dtype(model)).removeprefix("torch.")
-    config["quantization_config"]["checksums"] = {name: digest(t) for name, t in sorted(tensors.items())}
     with atomic_dir(out, overwrite) as tmp:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        write_config(model, {name: digest(t) for name, t in tensors.items()}, tmp)
         save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
     return out
+
+
+def write_config(model: nn.Module, checksums: dict[str, str], folder: Path) -> None:
+    """config.json: the model's config with its quantization_config and tensor checksums."""
+    config = model.config.to_dict()
+    config["architectures"] = [type(model).__name__]
+    config["dtype"] = str(_float_dtype(model)).removeprefix("torch.")
+    config["quantization_config"]["checksums"] = dict(sorted(checksums.items()))
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _float_dtype(model: nn.Module) -> torch.dtype:
@@ -154,8 +182,11 @@ def read_header(file: Path) -> tuple[dict, dict]:
 
 
 def tensor_nbytes(path: str | os.PathLike) -> dict[str, int]:
-    header, _ = read_header(Path(path) / WEIGHTS)
-    return {name: e["data_offsets"][1] - e["data_offsets"][0] for name, e in header.items()}
+    nbytes = {}
+    for file in weight_files(Path(path)):
+        header, _ = read_header(file)
+        nbytes.update({name: e["data_offsets"][1] - e["data_offsets"][0] for name, e in header.items()})
+    return nbytes
 
 
 def build_skeleton(config: dict) -> nn.Module:
@@ -197,31 +228,36 @@ def load(path: str | os.PathLike, *, adapter: bool = True) -> nn.Module:
             raise LoquantError(
                 f"{path}: an unfinished fine-tuning run ({status}): finish it with `loquant finetune ... --resume`"
             )
-    read_header(path / WEIGHTS)
+    files = weight_files(path)
+    for file in files:
+        read_header(file)
     model = build_skeleton(config)
     expected = model.state_dict()
-    try:
-        tensors = load_file(path / WEIGHTS)
-    except SafetensorError as err:
-        raise LoquantError(f"{path / WEIGHTS}: unreadable: {err}") from None
     checksums = config["quantization_config"].get("checksums", {})
-    for name, t in tensors.items():
-        if name not in expected:
-            raise LoquantError(f"{path / WEIGHTS}: unexpected tensor {name}")
-        want = expected[name]
-        if t.shape != want.shape or t.dtype != want.dtype:
-            raise LoquantError(
-                f"{path / WEIGHTS}: tensor {name} is {t.dtype} {tuple(t.shape)}, "
-                f"the config implies {want.dtype} {tuple(want.shape)}"
-            )
-        if name in checksums and digest(t) != checksums[name]:
-            raise LoquantError(f"{path / WEIGHTS}: tensor {name} is corrupt (checksum mismatch)")
-    # Keys absent from the file must be aliases (tied weights) of keys present in it.
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            part = load_file(file)
+        except SafetensorError as err:
+            raise LoquantError(f"{file}: unreadable: {err}") from None
+        for name, t in part.items():
+            if name not in expected or name in tensors:
+                raise LoquantError(f"{file}: unexpected tensor {name}")
+            want = expected[name]
+            if t.shape != want.shape or t.dtype != want.dtype:
+                raise LoquantError(
+                    f"{file}: tensor {name} is {t.dtype} {tuple(t.shape)}, "
+                    f"the config implies {want.dtype} {tuple(want.shape)}"
+                )
+            if name in checksums and digest(t) != checksums[name]:
+                raise LoquantError(f"{file}: tensor {name} is corrupt (checksum mismatch)")
+        tensors.update(part)
+    # Keys absent from the files must be aliases (tied weights) of keys present in them.
     storage = {n: t.untyped_storage().data_ptr() for n, t in expected.items()}
     present = {storage[n] for n in tensors}
     for name in expected:
         if name not in tensors and storage[name] not in present:
-            raise LoquantError(f"{path / WEIGHTS}: missing tensor {name}")
+            raise LoquantError(f"{path}: missing tensor {name}")
     model.load_state_dict(tensors, strict=False)
     if adapter and (path / "adapter").is_dir():
         from loquant.adapters.attach import load_adapter
