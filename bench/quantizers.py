@@ -36,7 +36,7 @@ from loquant.calibration import InputStats, collect
 from loquant.data import calib_windows, eval_windows, load_text, tokenize
 from loquant.evaluate import perplexity
 from loquant.formats import WeightFormat, quantize_weight
-from loquant.model import QuantConfig, targets_of, base_quantizer, quantize
+from loquant.model import QuantConfig, base_quantizer, quantize, targets_of
 from loquant.rilq import RilqConfig
 from loquant.sources import load_model
 
