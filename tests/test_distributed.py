@@ -36,3 +36,28 @@ def test_each_rank_builds_every_size_th_layer(monkeypatch):
 
     monkeypatch.setattr(d, "world", lambda: (1, 3))
     assert d.mine(list(range(7))) == [1, 4]
+
+
+def _fail_on_rank0(rank: int, store: str, results) -> None:
+    import torch.distributed as dist
+
+    from loquant.distributed import rank0
+    from loquant.errors import LoquantError
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        rank0(lambda: (_ for _ in ()).throw(OSError("disk full")))
+    except (OSError, LoquantError) as err:
+        results[rank] = f"{type(err).__name__}: {err}"
+    finally:
+        dist.destroy_process_group()
+
+
+def test_an_error_on_rank0_while_writing_reaches_every_rank(tmp_path):
+    """No rank is left waiting at a barrier for a rank 0 that failed to write."""
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.start_processes(_fail_on_rank0, args=(str(tmp_path / "store"), results), nprocs=2, start_method="spawn")
+    assert results[0] == "OSError: disk full"
+    assert results[1] == "LoquantError: rank 0 failed: disk full"

@@ -268,18 +268,19 @@ def cmd_quantize(args) -> None:
             shutil.rmtree(partial, ignore_errors=True)
         raise
     seconds = time.perf_counter() - start
-    if rank != 0:  # every rank holds the whole model; rank 0 writes and reports
-        distributed.barrier()
+
+    def finish() -> None:  # written inside DIR.partial, then moved to DIR, then DIR.partial goes
+        if not args.stream:  # a streamed model is written as it goes
+            save(model, partial / "model", tokenizer, overwrite=True, extra_files=extra)
+        if out.exists():
+            ensure_writable(out, args.overwrite)
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(partial / "model", out)
+        shutil.rmtree(partial)
+
+    distributed.rank0(finish)  # every rank holds the whole model; rank 0 writes and reports
+    if rank != 0:
         return
-    # the finished model is written inside DIR.partial, then moved to DIR, then DIR.partial goes
-    if not args.stream:  # a streamed model is written as it goes
-        save(model, partial / "model", tokenizer, overwrite=True, extra_files=extra)
-    if out.exists():
-        ensure_writable(out, args.overwrite)
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    os.replace(partial / "model", out)
-    shutil.rmtree(partial)
-    distributed.barrier()
     after = _eval(model, tokenizer, args) if args.eval else None
     nbytes = tensor_nbytes(out) if args.stream else {k: v.nbytes for k, v in model.state_dict().items()}
     report = storage_report(model.config.quantization_config["layers"], nbytes)

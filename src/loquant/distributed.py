@@ -6,6 +6,8 @@ and the exchange moves tensors as they are). NCCL on GPUs, gloo on CPU."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -13,6 +15,8 @@ from torch import nn
 
 from loquant.errors import LoquantError
 from loquant.layers import QuantLinear
+
+T = TypeVar("T")
 
 
 def init_from_env() -> bool:
@@ -62,6 +66,26 @@ def share(built: list[tuple[str, QuantLinear]] | LoquantError, order: list[str],
             weight = modules[name].weight
             layers[name] = QuantLinear.from_state(record, state, weight.dtype, weight.device)
     return [(n, layers[n]) for n in order]
+
+
+def rank0(fn: Callable[[], T]) -> T | None:
+    """fn() on rank 0 alone (writing the output); the other ranks wait for it and fail with its
+    error, so no rank is left waiting on one that failed. Returns fn's result on rank 0."""
+    rank, size = world()
+    result, error = None, None
+    if rank == 0:
+        try:
+            result = fn()
+        except BaseException as err:
+            error = err
+    if size > 1:
+        status = [None if error is None else f"rank 0 failed: {error}"]
+        dist.broadcast_object_list(status, src=0)
+        if rank != 0 and status[0] is not None:
+            raise LoquantError(status[0])
+    if error is not None:
+        raise error
+    return result
 
 
 def barrier() -> None:

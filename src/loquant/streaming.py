@@ -232,8 +232,8 @@ def quantize_streaming(
 
     recipe = config.record()
     update_quantization_config(model, config.source_model or str(source), recipe)
-    if distributed.world()[0] == 0:  # under torchrun every rank streams, rank 0 writes
-        _write(model, out, shards, checkpoint, groups, model_state, tokenizer)
+    # under torchrun every rank streams, rank 0 writes
+    distributed.rank0(lambda: _write(model, out, shards, checkpoint, groups, model_state, tokenizer))
     model.loquant_timings = timings
     return model
 
