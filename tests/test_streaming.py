@@ -86,30 +86,37 @@ def test_streamed_folder_loads_everywhere(checkpoint, corpus, tmp_path, capsys):
     assert code == 0 and "ppl" in stdout
 
 
-def test_one_block_in_memory_at_a_time(checkpoint, corpus, tmp_path, capsys, monkeypatch):
-    real = streaming._load_into
-    seen = []
+def live_tensor_bytes() -> int:
+    import gc
+
+    gc.collect()
+    tensors = [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and not o.is_meta]
+    return sum(t.untyped_storage().nbytes() for t in {id(t): t for t in tensors}.values())
+
+
+@pytest.mark.parametrize("extra", [[], ["--sequential"]], ids=["one-pass", "sequential"])
+def test_one_block_in_memory_at_a_time(checkpoint, corpus, tmp_path, capsys, monkeypatch, extra):
+    """When a block loads, every earlier block is back on the meta device and nothing of it is alive."""
+    real_load, real_skeleton = streaming._load_into, streaming.skeleton
+    blocks, seen = [], []
 
     def spy(module, prefix, shards):
-        model_blocks = module_list[0]
-        loaded = [i for i, b in enumerate(model_blocks) if any(not p.is_meta for p in b.parameters())]
-        seen.append((prefix, loaded))
-        return real(module, prefix, shards)
-
-    module_list = []
-    real_skeleton = streaming.skeleton
+        seen.append((prefix, [i for i, b in enumerate(blocks[0]) if any(not p.is_meta for p in b.parameters())],
+                     live_tensor_bytes()))  # fmt: skip
+        return real_load(module, prefix, shards)
 
     def keep(folder):
         model = real_skeleton(folder)
-        module_list.append(model.model.layers)
+        blocks.append(model.model.layers)
         return model
 
     monkeypatch.setattr(streaming, "_load_into", spy)
     monkeypatch.setattr(streaming, "skeleton", keep)
-    flags = [*CASES["qera-exact-r4"], *tiny_calib(corpus), "--sequential"]
+    flags = [*CASES["qera-exact-r4"], *tiny_calib(corpus), *extra]
     assert run(capsys, "quantize", checkpoint, *flags, "--stream", "--out", tmp_path / "o")[0] == 0
-    assert seen == [("model.layers.0.", []), ("model.layers.1.", [])]  # every earlier block is back on meta
-    assert all(p.is_meta for p in module_list[0].parameters())
+    assert [(prefix, loaded) for prefix, loaded, _ in seen] == [("model.layers.0.", []), ("model.layers.1.", [])]
+    assert seen[1][2] <= seen[0][2]  # block 0's float and quantized tensors are gone
+    assert all(p.is_meta for p in blocks[0].parameters())
 
 
 @pytest.mark.parametrize("extra", [[], ["--sequential"]], ids=["one-pass", "sequential"])

@@ -23,6 +23,7 @@ model gives (tests/test_streaming.py checks it).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -124,6 +125,12 @@ class BlockInputs:
             else:
                 yield with_hidden(call, load_file(self.folder / f"{j:05d}.safetensors")["hidden"])
 
+    def propagate(self, block: nn.Module) -> None:
+        """Each batch's hidden states replaced by the block's outputs."""
+        with torch.inference_mode():
+            for j, call in enumerate(self):
+                self.update(j, block_output(block, call))
+
     def update(self, j: int, hidden: torch.Tensor) -> None:
         """Replace batch j's hidden states (by the block's output, once the block has read them)."""
         if self.folder is None:
@@ -177,7 +184,10 @@ def quantize_streaming(
         raise LoquantError("--stream needs every quantized layer inside one list of blocks (or outside all)")
     if tail and config.needs_calibration:
         raise LoquantError(f"--stream calibrates block by block: {tail[0]} is outside the blocks; exclude it")
-    by_name = {t[0]: t for t in targets}
+    # Formats only: a list holding the modules would keep every loaded block's weights alive.
+    fmt_of = {name: fmt for name, _, _, fmt in targets}
+    total_layers = len(targets)
+    del targets
     dtype = next(iter(model.parameters())).dtype
     timings = {"calibration_s": 0.0, "fisher_s": 0.0, "decomposition_s": 0.0}
     builder = BlockBuilder(config, None, checkpoint, len(groups), timings)
@@ -193,10 +203,10 @@ def quantize_streaming(
             _to_meta(model, name)
         timings["calibration_s"] += time.perf_counter() - start
 
-    with tqdm(total=len(targets), desc="quantize", disable=not progress, unit="layer") as bar:
+    with tqdm(total=total_layers, desc="quantize", disable=not progress, unit="layer") as bar:
         for i, group in enumerate(groups):
             if group is tail:
-                _tail(model, [by_name[n] for n in tail], i, builder, shards, model_state, bar)
+                _tail(model, {n: fmt_of[n] for n in tail}, i, builder, shards, model_state, bar)
                 continue
             j = index_of[block_key(group[0])]
             block_prefix = f"{prefix}.{j}."
@@ -208,9 +218,9 @@ def quantize_streaming(
                 continue
             state = _load_into(blocks[j], block_prefix, shards)
             mine = {n: model.get_submodule(n) for n in group}
-            loaded = [(n, m, linear_weight(m).detach(), by_name[n][3]) for n, m in mine.items()]
-            for name, _, weight, _ in loaded:
-                check_finite(name, weight)
+            loaded = [(n, m, linear_weight(m).detach(), fmt_of[n]) for n, m in mine.items()]
+            for name, _, w, _ in loaded:
+                check_finite(name, w)
             stats = None
             if inputs is not None:
                 start = time.perf_counter()
@@ -223,12 +233,11 @@ def quantize_streaming(
                 model.set_submodule(name, layer)
             if inputs is not None and config.sequential:  # the next block reads the quantized outputs
                 start = time.perf_counter()
-                with torch.inference_mode():
-                    for k, call in enumerate(inputs):
-                        inputs.update(k, block_output(blocks[j], call))
+                inputs.propagate(blocks[j])
                 timings["calibration_s"] += time.perf_counter() - start
             blocks[j].to("meta")
-            del state, extra, built, stats, loaded
+            del state, extra, built, stats, loaded, mine, w
+            _release_freed_memory()
 
     recipe = config.record()
     update_quantization_config(model, config.source_model or str(source), recipe)
@@ -236,6 +245,15 @@ def quantize_streaming(
     distributed.rank0(lambda: _write(model, out, shards, checkpoint, groups, model_state, tokenizer))
     model.loquant_timings = timings
     return model
+
+
+def _release_freed_memory() -> None:
+    """Hand the freed heap back to the OS (glibc keeps it otherwise, and the resident size
+    would creep up block after block although nothing is alive); elsewhere a no-op."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _load_into_model(model: nn.Module, names: list[str], shards: Shards, like: dict) -> None:
@@ -255,15 +273,16 @@ def _to_meta(model: nn.Module, name: str) -> None:
         module._buffers[leaf] = t.to("meta")
 
 
-def _tail(model, targets, i, builder, shards, like, bar) -> None:
+def _tail(model, formats: dict, i, builder, shards, like, bar) -> None:
     """Layers outside the blocks (data-free methods only): read, built, checkpointed."""
     if i < builder.checkpoint.blocks_done:
         for name, rec in builder.checkpoint.records(i).items():
             model.set_submodule(name, QuantLinear.from_record(rec, like[f"{name}.weight"].dtype, device="meta"))
-        bar.update(len(targets))
+        bar.update(len(formats))
         return
     loaded = []
-    for name, module, _, fmt in targets:
+    for name, fmt in formats.items():
+        module = model.get_submodule(name)
         _load_into(module, f"{name}.", shards)
         check_finite(name, linear_weight(module))
         loaded.append((name, module, linear_weight(module).detach(), fmt))
