@@ -415,6 +415,8 @@ def cmd_finetune(args) -> None:
     config = FinetuneConfig(**{f.name: getattr(args, f.name) for f in fields(FinetuneConfig)})
     _saved(args.dir)
     result = run(args.dir, args.out, config, resume=args.resume, overwrite=args.overwrite, device=args.device)
+    if distributed.world()[0] != 0:  # under a launcher rank 0 alone reports
+        return
     tps = result["tokens_per_second"]
     print(f"loquant finetune {args.dir} -> {args.out}  ({result['device']})")
     print(f"  trainable parameters   {result['trainable_params']:,}")

@@ -15,11 +15,18 @@ A QAT run (`mode` peqa, l4q or lr-qat) ends by merging: OUT becomes the plain qu
 
 Batches are drawn from seeded random offsets that depend only on (seed, step), so a resumed
 run sees exactly the batches an uninterrupted one would.
+
+Data-parallel (`accelerate launch --num_processes N -m loquant finetune ...`, or torchrun): each
+rank trains on its share of every step's batch (the global batch stays --batch-size), the
+trainable parameters' gradients are averaged by torch DDP, the loss and held-out perplexity are
+reduced across ranks, and rank 0 alone writes OUT. The frozen base (packed buffers, embeddings)
+is loaded by every rank from the same file and never communicated. FSDP and DeepSpeed are refused.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import shutil
@@ -33,6 +40,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from loquant import distributed
 from loquant.adapters.attach import add_lora, add_wht, save_adapter, take_corrections, trainable_state
 from loquant.data import calib_windows, eval_windows, load_text, tokenize
 from loquant.errors import LoquantError
@@ -358,16 +366,107 @@ def _save_checkpoint(out: Path, model, optimizer, scheduler, step: int, log: lis
 
 def _peak_memory(device) -> tuple[str, int]:
     if torch.device(device).type == "cuda":
-        return "peak GPU memory allocated", torch.cuda.max_memory_allocated()
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    return "peak process RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+        label, value = "peak GPU memory allocated", torch.cuda.max_memory_allocated()
+    else:
+        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+        label, value = "peak process RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    size = distributed.world()[1]
+    if size == 1:
+        return label, value
+    peak = torch.tensor([value], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+    return f"{label} (largest of {size} ranks)", int(peak.item())
+
+
+def _check_launcher() -> None:
+    """Refuse the launches this loop does not run as asked, before anything is loaded.
+
+    accelerate's settings reach the processes as environment variables; the loop reads only
+    torchrun's (WORLD_SIZE, RANK, LOCAL_RANK), so anything else would be silently ignored."""
+    env = os.environ
+    if env.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        raise LoquantError("FSDP is not supported by loquant finetune: the base is packed integer buffers that "
+                           "FSDP cannot shard, and only the small adapter trains. Use data parallelism: "
+                           "accelerate launch --num_processes N -m loquant finetune ...")  # fmt: skip
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
+        raise LoquantError("DeepSpeed is not supported by loquant finetune: "
+                           "use accelerate launch --num_processes N -m loquant finetune ...")  # fmt: skip
+    if env.get("ACCELERATE_MIXED_PRECISION", "no") != "no":
+        raise LoquantError(f"accelerate's --mixed_precision {env['ACCELERATE_MIXED_PRECISION']} is not used by "
+                           "loquant finetune: leave it at no and pass --bf16 / --no-bf16 to loquant")  # fmt: skip
+    mpi = max(int(env.get(k, "1")) for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"))
+    cpu_several = env.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") and "MASTER_ADDR" in env
+    if "WORLD_SIZE" not in env and (mpi > 1 or cpu_several):
+        raise LoquantError("this launch would run independent processes: `accelerate launch --cpu --num_processes N` "
+                           "starts one process (several only through mpirun, which loquant does not join). "
+                           "On CPU use `accelerate launch --multi_gpu --num_processes N` (gloo when there is no "
+                           "CUDA) or torchrun")  # fmt: skip
+
+
+def _data_parallel(model: nn.Module, device) -> nn.Module:
+    """torch DDP over the trainable parameters only.
+
+    torch's DDP rather than accelerate's Accelerator.prepare: prepare would also wrap the
+    optimizer and scheduler (its scheduler steps once per process per step unless told
+    otherwise, changing the LR schedule), apply its own autocast and device placement, and the
+    checkpoints would go through its state format; here the one-process loop, its checkpoints
+    and --resume stay as they are and DDP only averages gradients. accelerate launch sets
+    torchrun's variables, so the same code runs under either launcher.
+
+    Every rank loads the frozen base from the same file, so frozen parameters and buffers (the
+    packed codes, scales, embeddings) are excluded from DDP's initial broadcast and from
+    per-step buffer broadcasts (broadcast_buffers=False). What DDP synchronizes is the trainable
+    parameters (broadcast from rank 0 once, gradients averaged every step) and the WHT adapter's
+    support indices (broadcast once, so every rank trains the same coefficients).
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    supports = {n for n, _ in model.named_buffers() if n.endswith((".wht.rows", ".wht.cols"))}
+    ignore = [n for n, _ in model.named_parameters() if n not in trainable]
+    ignore += [n for n, _ in model.named_buffers() if n not in supports]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
+    device = torch.device(device)
+    device_ids = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else None  # fmt: skip
+    # No buffer broadcast before each forward (the ignored ones would not be sent anyway; the WHT
+    # supports never change). torch 2.13 renamed broadcast_buffers to forward_sync_buffers.
+    import inspect
+
+    renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    no_forward_sync = {"forward_sync_buffers" if renamed else "broadcast_buffers": False}
+    return DistributedDataParallel(model, device_ids=device_ids, **no_forward_sync)
+
+
+def _held_out_ppl(model: nn.Module, held: torch.Tensor, batch_size: int) -> float:
+    """Held-out perplexity; with several ranks each scores every N-th batch and the sums are reduced
+    (the same batches as one process, only the float64 sum's order differs)."""
+    rank, size = distributed.world()
+    if size == 1:
+        return perplexity(model, held, batch_size=batch_size, progress=False)["ppl"]
+    mine = held.split(batch_size)[rank::size]
+    total = torch.zeros(2, dtype=torch.float64, device=next(model.parameters()).device)
+    if mine:  # the last (possibly short) batch stays last, so cat + split gives the same batches
+        scored = perplexity(model, torch.cat(mine), batch_size=batch_size, progress=False)
+        total += torch.tensor([scored["nll"] * scored["tokens"], scored["tokens"]], dtype=torch.float64,
+                              device=total.device)  # fmt: skip
+    torch.distributed.all_reduce(total)
+    return math.exp((total[0] / total[1]).item())
 
 
 def run(base: str, out: str, config: FinetuneConfig, *, resume: bool = False, overwrite: bool = False,
         device: str | None = None, progress: bool = True) -> dict:  # fmt: skip
-    """`loquant finetune`: train, checkpoint, evaluate, and write OUT (see the module docstring)."""
+    """`loquant finetune`: train, checkpoint, evaluate, and write OUT (see the module docstring).
+
+    Under a launcher (WORLD_SIZE > 1) every rank calls this; rank 0 alone writes OUT."""
     out = Path(out)
+    _check_launcher()
+    distributed.init_from_env()
+    rank, size = distributed.world()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    group_device = "cuda" if torch.cuda.is_available() else "cpu"  # init_from_env: NCCL with CUDA, else gloo
+    if size > 1 and torch.device(device).type != group_device:
+        raise LoquantError(f"--device {device} under a launcher: the process group here needs {group_device}")
     state = read_state(out) if resume else None
     if resume:
         if state is None:
@@ -383,6 +482,8 @@ def run(base: str, out: str, config: FinetuneConfig, *, resume: bool = False, ov
     model, tokenizer, corrections = load_base(out if resume else base)
     if not resume:
         config = resolve(config, corrections)
+    if config.batch_size < size:
+        raise LoquantError(f"--batch-size {config.batch_size} is the global batch: it cannot be shared by {size} ranks")
     train_ids, held, held_name = split_data(config, tokenizer)
     sourced = None
     if not resume:
@@ -391,7 +492,9 @@ def run(base: str, out: str, config: FinetuneConfig, *, resume: bool = False, ov
             calib = calib_windows(train_ids, config.calib_seq_len, config.calib_samples, config.seed)
         sourced = from_source(model, config, calib, device, progress)
         state = {"status": "running", "base": str(base), "config": asdict(config), "log": []}
-        save(model, out, tokenizer, overwrite=overwrite, extra_files={STATE_FILE: json.dumps(state, indent=2)})
+        distributed.barrier()  # every rank has checked OUT before rank 0 writes it
+        if rank == 0:
+            save(model, out, tokenizer, overwrite=overwrite, extra_files={STATE_FILE: json.dumps(state, indent=2)})
     model.to(device)
     checkpoint = None
     if resume:
@@ -412,6 +515,8 @@ def run(base: str, out: str, config: FinetuneConfig, *, resume: bool = False, ov
     if config.gradient_checkpointing:
         enable_checkpointing(model)
     params = [p for p in model.parameters() if p.requires_grad]
+    # `model` stays the plain module (evaluation, checkpoints, the saved adapter); `trained` runs the steps.
+    trained = _data_parallel(model, device) if size > 1 else model
     optimizer = optimizer_for(model, config)
     from transformers import get_cosine_schedule_with_warmup
 
@@ -425,25 +530,38 @@ def run(base: str, out: str, config: FinetuneConfig, *, resume: bool = False, ov
         meta = json.loads((checkpoint / "state.json").read_text())
         start, log = meta["step"], meta["log"]
     bf16 = _bf16(config, device)
-    evaluate = lambda: perplexity(model, held, batch_size=config.batch_size, progress=False)["ppl"]  # noqa: E731
+    evaluate = lambda: _held_out_ppl(model, held, config.batch_size)  # noqa: E731
     if checkpoint is None:
         model.eval()
         log.append({"step": 0, "eval_ppl": _autocast(device, bf16, evaluate)})
         # Step 0 is a checkpoint too: the base in OUT no longer holds the correction the adapter started from.
-        _save_checkpoint(out, model, optimizer, scheduler, 0, log)
+        if rank == 0:
+            _save_checkpoint(out, model, optimizer, scheduler, 0, log)
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     trained_tokens, train_seconds = 0, 0.0
-    bar = tqdm(range(start, config.steps), desc="finetune", disable=not progress, unit="step", initial=start,
-               total=config.steps)  # fmt: skip
+    bar = tqdm(range(start, config.steps), desc="finetune", disable=not progress or rank != 0, unit="step",
+               initial=start, total=config.steps)  # fmt: skip
     for step in bar:
         model.train()
         tick = time.perf_counter()
-        batch = batch_at(train_ids, step, config).to(device)
+        batch = batch_at(train_ids, step, config)
+        step_tokens = batch.numel()
+        if size > 1:  # this rank's contiguous share of the global batch (shares differ by at most one window)
+            batch = batch.tensor_split(size)[rank]
+        batch = batch.to(device)
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
-            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-        if not torch.isfinite(loss):  # stop before a NaN reaches the adapter; OUT stays unfinished
-            raise LoquantError(f"step {step + 1}: the loss is {loss.item()}: training diverged, lower --lr")
+            loss = trained(input_ids=batch, labels=batch, use_cache=False).loss
+        reported = loss
+        if size > 1:
+            # The loss is the mean over this rank's windows (all of seq_len tokens) and DDP averages
+            # gradients over ranks; weighting by share * N / batch makes the average the mean over all
+            # windows (the weight is exactly 1 when the batch divides evenly).
+            loss = loss * (batch.shape[0] * size / config.batch_size)
+            reported = loss.detach().float() / size
+            torch.distributed.all_reduce(reported)  # every rank sees the same loss, so all stop together
+        if not torch.isfinite(reported):  # stop before a NaN reaches the adapter; OUT stays unfinished
+            raise LoquantError(f"step {step + 1}: the loss is {reported.item()}: training diverged, lower --lr")
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -452,16 +570,16 @@ def run(base: str, out: str, config: FinetuneConfig, *, resume: bool = False, ov
         if torch.device(device).type == "cuda":
             torch.cuda.synchronize()
         train_seconds += time.perf_counter() - tick
-        trained_tokens += batch.numel()
+        trained_tokens += step_tokens
         done = step + 1
-        entry = {"step": done, "loss": loss.item(), "lr": scheduler.get_last_lr()[0]}
+        entry = {"step": done, "loss": reported.item(), "lr": scheduler.get_last_lr()[0]}
         if config.eval_every and (done % config.eval_every == 0 or done == config.steps):
             model.eval()
             entry["eval_ppl"] = _autocast(device, bf16, evaluate)
         log.append(entry)
         bar.set_postfix(loss=f"{entry['loss']:.3f}", **({"eval_ppl": f"{entry['eval_ppl']:.2f}"} if "eval_ppl" in entry
                                                         else {}))  # fmt: skip
-        if done % config.save_every == 0 and done < config.steps:
+        if done % config.save_every == 0 and done < config.steps and rank == 0:
             _save_checkpoint(out, model, optimizer, scheduler, done, log)
     bar.close()
     model.eval()
@@ -477,18 +595,23 @@ def run(base: str, out: str, config: FinetuneConfig, *, resume: bool = False, ov
         "peak_memory_kind": memory_label,
         "tokens_per_second": trained_tokens / train_seconds if train_seconds else None,
         "device": str(device),
+        **({"processes": size} if size > 1 else {}),
     }
     if config.mode != "adapter":
         merged = _merge_qat(model, held, config, device, bf16, result)
         done = {**state, "status": "done", "config": asdict(config), "log": log, "result": result}
         # The whole folder is replaced at once: the merged model, no checkpoints.
-        save(merged.cpu(), out, tokenizer, overwrite=True, extra_files={STATE_FILE: json.dumps(done, indent=2)})
+        if rank == 0:
+            save(merged.cpu(), out, tokenizer, overwrite=True, extra_files={STATE_FILE: json.dumps(done, indent=2)})
+        distributed.barrier()  # OUT is complete when any rank returns
         return {"model": merged, **result}
-    adapter_dir = out / ADAPTER_DIR
-    with atomic_dir(adapter_dir, overwrite=True) as tmp:
-        save_adapter(model, tmp)
-    _write_state(out, {**state, "status": "done", "config": asdict(config), "log": log, "result": result})
-    shutil.rmtree(out / CHECKPOINTS_DIR, ignore_errors=True)
+    if rank == 0:
+        adapter_dir = out / ADAPTER_DIR
+        with atomic_dir(adapter_dir, overwrite=True) as tmp:
+            save_adapter(model, tmp)
+        _write_state(out, {**state, "status": "done", "config": asdict(config), "log": log, "result": result})
+        shutil.rmtree(out / CHECKPOINTS_DIR, ignore_errors=True)
+    distributed.barrier()
     return {"model": model, **result}
 
 
@@ -504,7 +627,7 @@ def _merge_qat(model, held, config, device, bf16, result: dict) -> nn.Module:
     result["merged_max_abs_logit_diff"] = (logits - trained).abs().max().item()
     result["merged_logit_scale"] = trained.abs().max().item()
     result["held_out_ppl_end_trained"] = result["held_out_ppl_end"]
-    ppl = lambda: perplexity(merged, held, batch_size=config.batch_size, progress=False)["ppl"]  # noqa: E731
+    ppl = lambda: _held_out_ppl(merged, held, config.batch_size)  # noqa: E731
     result["held_out_ppl_end"] = _autocast(device, bf16, ppl)
     return merged
 
