@@ -492,9 +492,9 @@ def run(base: str, out: str, config: FinetuneConfig, *, resume: bool = False, ov
             calib = calib_windows(train_ids, config.calib_seq_len, config.calib_samples, config.seed)
         sourced = from_source(model, config, calib, device, progress)
         state = {"status": "running", "base": str(base), "config": asdict(config), "log": []}
-        distributed.barrier()  # every rank has checked OUT before rank 0 writes it
-        if rank == 0:
-            save(model, out, tokenizer, overwrite=overwrite, extra_files={STATE_FILE: json.dumps(state, indent=2)})
+        distributed.barrier()  # every rank has checked OUT before rank 0 writes it; its error stops them all
+        text = json.dumps(state, indent=2)
+        distributed.rank0(lambda: save(model, out, tokenizer, overwrite=overwrite, extra_files={STATE_FILE: text}))
     model.to(device)
     checkpoint = None
     if resume:
