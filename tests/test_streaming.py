@@ -21,6 +21,8 @@ CASES = {
     "qera-exact-r4": ["--bits", "3", "--group-size", "32", "--method", "qera-exact", "--rank", "4"],
     "lqer-sequential": ["--bits", "3", "--group-size", "32", "--method", "lqer", "--rank", "4", "--sequential"],
     "gptq-nf": ["--format", "nf", "--bits", "4", "--group-size", "32", "--quantizer", "gptq"],
+    # block 0 holds no target: its float outputs still feed block 1's statistics
+    "second-block-only": ["--method", "qera-exact", "--rank", "4", "--include", "model.layers.1.*"],
 }
 
 

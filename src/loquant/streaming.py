@@ -203,20 +203,23 @@ def quantize_streaming(
             _to_meta(model, name)
         timings["calibration_s"] += time.perf_counter() - start
 
+    group_at = {index_of[block_key(g[0])]: (i, g) for i, g in enumerate(groups) if g is not tail}
     with tqdm(total=total_layers, desc="quantize", disable=not progress, unit="layer") as bar:
-        for i, group in enumerate(groups):
-            if group is tail:
-                _tail(model, {n: fmt_of[n] for n in tail}, i, builder, shards, model_state, bar)
+        for j, block in enumerate(blocks):
+            if j not in group_at:  # no target inside: with calibration it still feeds the next blocks
+                if inputs is not None and j < max(group_at):
+                    _load_into(block, f"{prefix}.{j}.", shards)
+                    inputs.propagate(block)
+                    block.to("meta")
+                    _release_freed_memory()
                 continue
-            j = index_of[block_key(group[0])]
-            block_prefix = f"{prefix}.{j}."
-            restored = i < checkpoint.blocks_done
-            if restored and inputs is None:  # nothing to recompute: its shard is on disk
+            i, group = group_at[j]
+            if i < checkpoint.blocks_done and inputs is None:  # nothing to recompute: its shard is on disk
                 for name, rec in checkpoint.records(i).items():
                     model.set_submodule(name, QuantLinear.from_record(rec, dtype, device="meta"))
                 bar.update(len(group))
                 continue
-            state = _load_into(blocks[j], block_prefix, shards)
+            state = _load_into(block, f"{prefix}.{j}.", shards)
             mine = {n: model.get_submodule(n) for n in group}
             loaded = [(n, m, linear_weight(m).detach(), fmt_of[n]) for n, m in mine.items()]
             for name, _, w, _ in loaded:
@@ -225,7 +228,7 @@ def quantize_streaming(
             if inputs is not None:
                 start = time.perf_counter()
                 one_pass = not config.sequential
-                stats = block_stats(blocks[j], mine, inputs, inputs.update if one_pass else None)
+                stats = block_stats(block, mine, inputs, inputs.update if one_pass else None)
                 timings["calibration_s"] += time.perf_counter() - start
             extra = {k: t for k, t in state.items() if not any(k.startswith(f"{n}.") for n in group)}
             built = builder.block(i, loaded, stats if config.needs_stats else None, bar, extra)
@@ -233,11 +236,13 @@ def quantize_streaming(
                 model.set_submodule(name, layer)
             if inputs is not None and config.sequential:  # the next block reads the quantized outputs
                 start = time.perf_counter()
-                inputs.propagate(blocks[j])
+                inputs.propagate(block)
                 timings["calibration_s"] += time.perf_counter() - start
-            blocks[j].to("meta")
+            block.to("meta")
             del state, extra, built, stats, loaded, mine, w
             _release_freed_memory()
+        if tail:
+            _tail(model, {n: fmt_of[n] for n in tail}, len(groups) - 1, builder, shards, model_state, bar)
 
     recipe = config.record()
     update_quantization_config(model, config.source_model or str(source), recipe)
