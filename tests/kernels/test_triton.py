@@ -26,9 +26,11 @@ EXTRA = [WeightFormat("int", 4, 64, double_quant=True), WeightFormat("nf", 4, 64
 
 
 def poison():
-    """Fill the caching allocator's free blocks with NaN so empty() returns NaN memory."""
-    big = torch.empty(64 << 20, dtype=torch.float32, device="cuda").fill_(float("nan"))
-    del big
+    """Fill the caching allocator's free blocks (large and small pools) with NaN, so that
+    the outputs the kernels allocate with empty() start as NaN."""
+    blocks = [torch.full((64 << 20,), float("nan"), device="cuda")]
+    blocks += [torch.full((1 << 17,), float("nan"), device="cuda") for _ in range(64)]
+    del blocks
 
 
 def layer(fmt, n, k, rank, bias, seed):
