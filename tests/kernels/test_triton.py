@@ -72,15 +72,15 @@ def check(q, m, dtype, path=0, tol=1e-2):
 
 
 @pytest.mark.parametrize("fmt", FORMATS + EXTRA, ids=lambda f: f.describe().replace(" ", "-"))
-@pytest.mark.parametrize("m", [1, 3, 16, 64, 512])
-def test_every_format_and_m(fmt, m):
-    q = layer(fmt, 200, 512, rank=0, bias=False, seed=m)
-    check(q, m, torch.bfloat16)
+def test_every_format_and_m(fmt):
+    q = layer(fmt, 200, 512, rank=0, bias=False, seed=fmt.bits)
+    for m in (1, 3, 16, 64, 512):
+        check(q, m, torch.bfloat16)
 
 
 @pytest.mark.parametrize("path", [ops.GEMV, ops.GEMM, ops.DEQUANT])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rank,bias", [(0, False), (16, True), (64, False), (5, True)])
+@pytest.mark.parametrize("rank,bias", [(0, False), (64, True), (5, False)])
 @pytest.mark.parametrize("fmt", [WeightFormat("int", 4, 128), WeightFormat("nf", 4, 64), WeightFormat("int-sym", 3, 32),
                                  WeightFormat("int", 2, 64)], ids=lambda f: f.describe().replace(" ", "-"))  # fmt: skip
 def test_paths_dtypes_correction_bias(fmt, rank, bias, dtype, path):

@@ -74,6 +74,37 @@ def _decode(w0, w1, w2, book_ptr, s: tl.constexpr, BITS: tl.constexpr, FMT: tl.c
 
 
 @triton.jit
+def _unit_codes(w0, w1, w2, BITS: tl.constexpr):
+    """(BN, J) int32 words of J units -> (BN, J, CPU) raw codes, in column order."""
+    CPU: tl.constexpr = 32 if BITS == 3 else 32 // BITS
+    s = tl.arange(0, CPU)[None, None, :]
+    if BITS == 3:
+        b = s * 3
+        wi = b // 32
+        sh = b % 32
+        a = tl.where(wi == 0, w0[:, :, None], tl.where(wi == 1, w1[:, :, None], w2[:, :, None]))
+        nxt = tl.where(wi == 0, w1[:, :, None], w2[:, :, None])
+        lo = (a.to(tl.uint32, bitcast=True) >> sh.to(tl.uint32)).to(tl.int32, bitcast=True)
+        hi = tl.where(sh > 29, nxt << ((32 - sh) & 31), 0)
+        c = (lo | hi) & 7
+    else:
+        c = (w0[:, :, None] >> (s * BITS)) & ((1 << BITS) - 1)
+    return c
+
+
+@triton.jit
+def _unit_values(w0, w1, w2, book_ptr, BITS: tl.constexpr, FMT: tl.constexpr):
+    """(BN, J, CPU) float32 f(code): book[c] for nf, 1 + c/2^BITS otherwise (the code or-ed
+    into the mantissa of 1.0: no int->float conversion)."""
+    c = _unit_codes(w0, w1, w2, BITS)
+    if FMT == 2:
+        f = tl.load(book_ptr + c)
+    else:
+        f = ((c << (23 - BITS)) | 0x3F800000).to(tl.float32, bitcast=True)
+    return f
+
+
+@triton.jit
 def _params(s_ptr, z_ptr, rn, gidx, NG, mask, BITS: tl.constexpr, FMT: tl.constexpr, HAS_Z: tl.constexpr):
     """P, Q of w = f·P + Q for rows rn (dim 0) and groups gidx (dim 1)."""
     off = rn[:, None] * NG + gidx[None, :]
@@ -112,19 +143,33 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, book_ptr, xa_ptr, b_ptr, bias_ptr, 
     x_row = x_ptr + m * stride_xm
     acc = tl.zeros((BN, J), dtype=tl.float32)
     u_begin = pid_k * units_per_split
+    # Step i's words and parameters are loaded one step ahead (a register double buffer):
+    # Triton does not software-pipeline loads that feed plain arithmetic.
+    u = u_begin + rj
+    mask = mask_n[:, None] & (u < KU)[None, :]
+    wp = q_ptr + rn[:, None] * RW + (u * WPU)[None, :]
+    w0 = tl.load(wp, mask=mask, other=0)
+    if BITS == 3:
+        w1 = tl.load(wp + 1, mask=mask, other=0)
+        w2 = tl.load(wp + 2, mask=mask, other=0)
+    else:
+        w1 = w0
+        w2 = w0
+    P, Q = _params(s_ptr, z_ptr, rn, (u * CPU) // G, NG, mask, BITS, FMT, HAS_Z)
     for i in range(0, units_per_split, J):
         u = u_begin + i + rj
         mask_u = u < KU
-        mask = mask_n[:, None] & mask_u[None, :]
-        wp = q_ptr + rn[:, None] * RW + (u * WPU)[None, :]
-        w0 = tl.load(wp, mask=mask, other=0)
+        un = u + J
+        mask_nx = mask_n[:, None] & ((un < KU) & (i + J < units_per_split))[None, :]
+        wpn = q_ptr + rn[:, None] * RW + (un * WPU)[None, :]
+        n0 = tl.load(wpn, mask=mask_nx, other=0)
         if BITS == 3:
-            w1 = tl.load(wp + 1, mask=mask, other=0)
-            w2 = tl.load(wp + 2, mask=mask, other=0)
+            n1 = tl.load(wpn + 1, mask=mask_nx, other=0)
+            n2 = tl.load(wpn + 2, mask=mask_nx, other=0)
         else:
-            w1 = w0
-            w2 = w0
-        P, Q = _params(s_ptr, z_ptr, rn, (u * CPU) // G, NG, mask, BITS, FMT, HAS_Z)
+            n1 = n0
+            n2 = n0
+        Pn, Qn = _params(s_ptr, z_ptr, rn, (un * CPU) // G, NG, mask_nx, BITS, FMT, HAS_Z)
         t = tl.zeros((BN, J), dtype=tl.float32)
         xsum = tl.zeros((J,), dtype=tl.float32)
         for s in tl.static_range(CPU):
@@ -136,6 +181,7 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, book_ptr, xa_ptr, b_ptr, bias_ptr, 
         acc += P * t
         if NEED_X:
             acc += Q * xsum[None, :]
+        w0, w1, w2, P, Q = n0, n1, n2, Pn, Qn
     y = tl.sum(acc, axis=1)
     first = pid_k == 0
     if HAS_CORR:
@@ -174,6 +220,7 @@ def _gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, book_ptr, xa_ptr, b_ptr, bias_ptr, 
     mask_m = rm < M
     mask_n = rn < N
     rj = tl.arange(0, J)
+    rk = tl.arange(0, J * CPU)
     xdt = x_ptr.dtype.element_ty
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     u_begin = pid_k * units_per_split
@@ -190,12 +237,12 @@ def _gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, book_ptr, xa_ptr, b_ptr, bias_ptr, 
             w1 = w0
             w2 = w0
         P, Q = _params(s_ptr, z_ptr, rn, (u * CPU) // G, NG, mask, BITS, FMT, HAS_Z)
-        xp = x_ptr + rm[:, None] * stride_xm + (u * CPU)[None, :]
-        xmask = mask_m[:, None] & mask_u[None, :]
-        for s in tl.static_range(CPU):
-            w = (_decode(w0, w1, w2, book_ptr, s, BITS, FMT) * P + Q).to(xdt)
-            xs = tl.load(xp + s, mask=xmask, other=0.0)
-            acc = tl.dot(xs, tl.trans(w), acc)
+        f = _unit_values(w0, w1, w2, book_ptr, BITS, FMT)
+        w = tl.reshape((f * P[:, :, None] + Q[:, :, None]).to(xdt), (BN, J * CPU))
+        kk = (u_begin + i) * CPU + rk
+        xs = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=mask_m[:, None] & (kk < KU * CPU)[None, :],
+                     other=0.0)  # fmt: skip
+        acc = tl.dot(xs, tl.trans(w), acc)
     first = pid_k == 0
     if HAS_CORR:
         rr = tl.arange(0, RP)
@@ -232,7 +279,8 @@ def _dequant_kernel(q_ptr, s_ptr, z_ptr, book_ptr, w_ptr, N, K, KU, RW, NG, G,
         w1 = w0
         w2 = w0
     P, Q = _params(s_ptr, z_ptr, rn, (u * CPU) // G, NG, mask, BITS, FMT, HAS_Z)
-    out = w_ptr + rn[:, None].to(tl.int64) * K + (u * CPU)[None, :]
-    for s in tl.static_range(CPU):
-        w = _decode(w0, w1, w2, book_ptr, s, BITS, FMT) * P + Q
-        tl.store(out + s, w.to(w_ptr.dtype.element_ty), mask=mask)
+    f = _unit_values(w0, w1, w2, book_ptr, BITS, FMT)
+    w = tl.reshape(f * P[:, :, None] + Q[:, :, None], (BN, J * CPU))
+    kk = tl.program_id(1) * J * CPU + tl.arange(0, J * CPU)
+    out = w_ptr + rn[:, None].to(tl.int64) * K + kk[None, :]
+    tl.store(out, w.to(w_ptr.dtype.element_ty), mask=(rn < N)[:, None] & (kk < K)[None, :])
