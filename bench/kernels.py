@@ -189,7 +189,7 @@ def section_paths(args):
             bf, _ = bench_bf16(out_f, in_f, m)
             cells = []
             for path in (ops.GEMV, ops.GEMM, ops.DEQUANT):
-                if path == ops.GEMV and m > 16:
+                if path == ops.GEMV and m > 16 or path == ops.GEMM and m == 1:
                     cells.append("-")
                     continue
                 us, _ = bench_loquant(out_f, in_f, FORMATS[name], m, path=path)
@@ -201,10 +201,14 @@ def section_configs(args):
     """Block shapes tried for the GEMV (M = 1) and small-M GEMM (M = 16)."""
     out_f, in_f = 11008, 4096
     print("\n### Config sweep (11008 × 4096), µs\n")
-    for name in ("INT4 g128", "NF4 g64", "INT2 g128"):
-        for cfg in ({"BN": 16, "J": 128, "num_warps": 8}, {"BN": 32, "J": 64, "num_warps": 8},
-                    {"BN": 16, "J": 64, "num_warps": 4}, {"BN": 8, "J": 128, "num_warps": 4},
-                    {"BN": 16, "J": 128, "num_warps": 4}):  # fmt: skip
+    for name in ("INT4 g128", "NF4 g64", "INT2 g128", "INT3 g128"):
+        j3 = name.startswith("INT3")
+        for cfg in ({"BN": 8, "J": 128, "num_warps": 4}, {"BN": 4, "J": 128, "num_warps": 4},
+                    {"BN": 4, "J": 256, "num_warps": 4}, {"BN": 8, "J": 256, "num_warps": 8},
+                    {"BN": 4, "J": 128, "num_warps": 2}, {"BN": 8, "J": 128, "num_warps": 8},
+                    {"BN": 2, "J": 256, "num_warps": 4}, {"BN": 8, "J": 64, "num_warps": 2}):  # fmt: skip
+            if j3:
+                cfg = {**cfg, "J": cfg["J"] // 4}
             ops.OVERRIDE["gemv"] = cfg
             try:
                 us, b = bench_loquant(out_f, in_f, FORMATS[name], 1, path=ops.GEMV)

@@ -42,20 +42,23 @@ def _split(programs: int, units: int, j: int, sms: int) -> int:
 
 
 def gemv_config(bits: int, n: int, k: int) -> dict:
-    cfg = {"BN": 32, "J": 64 if bits != 3 else 32, "num_warps": 4, "num_stages": 2}
+    cfg = {"BN": 8, "J": 128 if bits != 3 else 32, "num_warps": 4, "num_stages": 1}
     cfg.update(OVERRIDE.get("gemv", {}))
     return cfg
 
 
 def gemm_config(m: int, bits: int, n: int, k: int) -> dict:
+    """Block shapes; BK = codes per K step (J = BK / codes per unit)."""
     if m <= 16:
-        cfg = {"BM": 16, "BN": 32, "J": 64 if bits != 3 else 32, "num_warps": 4, "num_stages": 2}
+        cfg = {"BM": 16, "BN": 32, "BK": 256, "num_warps": 4, "num_stages": 2}
     elif m <= 64:
-        cfg = {"BM": m if m > 32 else 32, "BN": 64, "J": 32, "num_warps": 4, "num_stages": 2}
-        cfg["BM"] = 64 if m > 32 else 32
+        cfg = {"BM": 64 if m > 32 else 32, "BN": 64, "BK": 256, "num_warps": 4, "num_stages": 2}
     else:
-        cfg = {"BM": 128, "BN": 128, "J": 32 if bits != 3 else 16, "num_warps": 8, "num_stages": 2}
+        cfg = {"BM": 128, "BN": 128, "BK": 128, "num_warps": 8, "num_stages": 2}
     cfg.update(OVERRIDE.get("gemm", {}))
+    if "J" not in cfg:
+        cfg["J"] = max(1, cfg["BK"] // _units(bits, k)[0])
+    cfg.pop("BK", None)
     return cfg
 
 
@@ -78,7 +81,7 @@ def _run_gemv(x2, qweight, scales, offsets, book, xa, B, bias, bits, fmt, n, k, 
     split = triton.cdiv(ku, per_split)
     y = torch.zeros(m, n, device=x2.device, dtype=torch.float32) if split > 1 else x2.new_empty(m, n)
     r = B.shape[1] if B is not None else 0
-    _gemv_kernel[(triton.cdiv(n, bn), split, m)](
+    _gemv_kernel[(m, triton.cdiv(n, bn), split)](
         x2, q, scales, z, bk, xa if xa is not None else x2, B if B is not None else x2,
         bias if bias is not None else x2, y, n, ku, rw, scales.shape[1], group, r, per_split,
         x2.stride(0), xa.stride(0) if xa is not None else 0, y.stride(0),

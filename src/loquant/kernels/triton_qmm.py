@@ -134,9 +134,9 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, book_ptr, xa_ptr, b_ptr, bias_ptr, 
     CPU: tl.constexpr = 32 if BITS == 3 else 32 // BITS  # codes per unit
     WPU: tl.constexpr = 3 if BITS == 3 else 1  # words per unit
     NEED_X: tl.constexpr = FMT != 2 or HAS_Z
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    m = tl.program_id(2)
+    m = tl.program_id(0)  # rows of x that share a weight tile run back to back (L2 reuse)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     rn = pid_n * BN + tl.arange(0, BN)
     mask_n = rn < N
     rj = tl.arange(0, J)
