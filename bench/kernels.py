@@ -172,7 +172,8 @@ def section_target(args):
         print("| kernel | µs | bytes moved | GB/s | % of copy bandwidth |")
         print("|---|---|---|---|---|")
         for name, (us, b) in m1.items():
-            print(f"| {name} | {us:.1f} | {b / 1e6:.1f} MB | {b / us / 1e3:.0f} | {100 * b / us / 1e3 / COPY_BW:.0f} % |")
+            gbs = b / us / 1e3
+            print(f"| {name} | {us:.1f} | {b / 1e6:.1f} MB | {gbs:.0f} | {100 * gbs / COPY_BW:.0f} % |")
         for name in ("INT4 g128", "NF4 g64"):
             if name in m1 and name + " + r64" in m1:
                 extra = m1[name + " + r64"][0] / m1[name][0] - 1
@@ -231,8 +232,8 @@ def section_configs(args):
 def section_shapes(args):
     print("\n### Llama linear shapes, loquant INT4 g128 (auto path) against bf16 cuBLAS, tinygemm int4 g128, "
           f"bitsandbytes NF4 b64; % of copy bandwidth {COPY_BW:.0f} GB/s\n")  # fmt: skip
-    print("| model | layer (out × in) | M | bf16 µs | tinygemm µs | bnb NF4 µs | loquant µs | loquant GB/s | % copy bw | "
-          "vs bf16 | vs tinygemm | vs bnb |")  # fmt: skip
+    print("| model | layer (out × in) | M | bf16 µs | tinygemm µs | bnb NF4 µs | loquant µs | loquant GB/s | "
+          "% copy bw | vs bf16 | vs tinygemm | vs bnb |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for model, layers in SHAPES.items():
         for lname, (out_f, in_f) in layers.items():
@@ -258,14 +259,14 @@ def section_block(args):
     print("| weights | µs | speedup vs bf16 |")
     print("|---|---|---|")
     base = None
-    for name, fmt, rank in (("bf16", None, 0), ("INT4 g128", FORMATS["INT4 g128"], 0),
-                            ("INT4 g128 + r64", FORMATS["INT4 g128"], 64), ("INT2 g128", FORMATS["INT2 g128"], 0),
-                            ("INT2 g128 + r64", FORMATS["INT2 g128"], 64), ("NF4 g64", FORMATS["NF4 g64"], 0)):  # fmt: skip
+    variants = [("bf16", None, 0)] + [(f"{name}{' + r64' if r else ''}", FORMATS[name], r)
+                                      for name in ("INT4 g128", "INT2 g128", "NF4 g64") for r in (0, 64)]  # fmt: skip
+    for name, fmt, rank in variants:
 
         def make(fmt=fmt, rank=rank):
             block = LlamaDecoderLayer(cfg, layer_idx=0).to("cuda", DT).eval()
             if fmt is not None:
-                for mod_name, mod in list(block.named_modules()):
+                for _, mod in list(block.named_modules()):
                     for child_name, child in list(mod.named_children()):
                         if isinstance(child, torch.nn.Linear):
                             w = torch.randn(child.weight.shape, device="cuda") * 0.02
@@ -302,7 +303,8 @@ def main():
     props = torch.cuda.get_device_properties(0)
     COPY_BW = copy_bandwidth()
     print(f"GPU: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, triton "
-          f"{triton.__version__}; copy bandwidth (1 GiB device-to-device, read + write) {COPY_BW:.0f} GB/s")  # fmt: skip
+          f"{triton.__version__}; copy bandwidth (1 GiB device-to-device, read + write) "
+          f"{COPY_BW:.0f} GB/s")  # fmt: skip
     print("timing: triton.testing.do_bench_cudagraph, median; weights rotated over > 200 MB of copies")
     t0 = time.time()
     for s in args.sections.split(","):

@@ -79,14 +79,22 @@ def test_every_format_and_m(fmt):
 
 
 @pytest.mark.parametrize("path", [ops.GEMV, ops.GEMM, ops.DEQUANT])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rank,bias", [(0, False), (64, True), (5, False)])
 @pytest.mark.parametrize("fmt", [WeightFormat("int", 4, 128), WeightFormat("nf", 4, 64), WeightFormat("int-sym", 3, 32),
                                  WeightFormat("int", 2, 64)], ids=lambda f: f.describe().replace(" ", "-"))  # fmt: skip
-def test_paths_dtypes_correction_bias(fmt, rank, bias, dtype, path):
+def test_paths_correction_bias(fmt, rank, bias, path):
     q = layer(fmt, 328, 1024, rank=rank, bias=bias, seed=rank)
     for m in (1, 5, 33):
-        check(q, m, dtype, path=path)
+        check(q, m, torch.bfloat16, path=path)
+
+
+@pytest.mark.parametrize("path", [ops.GEMV, ops.GEMM, ops.DEQUANT])
+@pytest.mark.parametrize("fmt", [WeightFormat("int", 4, 128), WeightFormat("nf", 3, 64)],
+                         ids=lambda f: f.describe().replace(" ", "-"))  # fmt: skip
+def test_float16(fmt, path):
+    q = layer(fmt, 328, 1024, rank=16, bias=True, seed=5)
+    for m in (1, 5, 33):
+        check(q, m, torch.float16, path=path)
 
 
 @pytest.mark.parametrize("n,k", [(1, 32), (7, 96), (129, 4128), (4100, 160), (11008, 4096), (4096, 11008)])

@@ -14,10 +14,12 @@ import triton
 from loquant.kernels.triton_qmm import _dequant_kernel, _gemm_kernel, _gemv_kernel
 
 GEMV, GEMM, DEQUANT = 1, 2, 3
-# M up to GEMV_MAX_M runs on CUDA cores; above DEQUANT_MIN_M the weight is dequantized into a
-# temporary 16-bit matrix for cuBLAS; in between the fused tensor-core kernel runs.
-GEMV_MAX_M = 1
-DEQUANT_MIN_M = 1 << 30
+# Path by M, from the H100 measurements in BENCHMARKS.md (11008 x 4096): the GEMV up to
+# GEMV_MAX_M rows; the fused tensor-core kernel for int / int-sym up to GEMM_MAX_M (it beat
+# dequantize + cuBLAS there; for nf its code-book gathers made it slower at every M); above,
+# the weight is dequantized into a temporary 16-bit matrix and multiplied by cuBLAS.
+GEMV_MAX_M = 2
+GEMM_MAX_M = 16
 # For the benchmark: {"gemv": dict(BN=..., J=..., num_warps=..., num_stages=...), "gemm": {...}}.
 OVERRIDE: dict[str, dict] = {}
 
@@ -42,7 +44,11 @@ def _split(programs: int, units: int, j: int, sms: int) -> int:
 
 
 def gemv_config(bits: int, n: int, k: int) -> dict:
-    cfg = {"BN": 8, "J": 128 if bits != 3 else 32, "num_warps": 4, "num_stages": 1}
+    """8 rows x 128 units (32 for 3 bits) per step: the best of the sweep in BENCHMARKS.md."""
+    if bits == 3:
+        cfg = {"BN": 8, "J": 32, "num_warps": 8, "num_stages": 1}
+    else:
+        cfg = {"BN": 8, "J": 128, "num_warps": 4, "num_stages": 1}
     cfg.update(OVERRIDE.get("gemv", {}))
     return cfg
 
@@ -121,10 +127,10 @@ def dequantize(qweight, scales, offsets, book, bits: int, fmt: int, n: int, k: i
     return w
 
 
-def pick_path(m: int) -> int:
+def pick_path(m: int, fmt: int) -> int:
     if m <= GEMV_MAX_M:
         return GEMV
-    return DEQUANT if m >= DEQUANT_MIN_M else GEMM
+    return GEMM if m <= GEMM_MAX_M and fmt != 2 else DEQUANT
 
 
 @torch.library.custom_op("loquant::qmm", mutates_args=())
@@ -150,7 +156,7 @@ def qmm(
     fp16 or fp32; book: the nf code book (fp32); xa = x · Aᵀ (M x r) and B (n x r) in x's
     dtype; path 0 picks GEMV / fused GEMM / dequantize+cuBLAS from M.
     """
-    path = path or pick_path(x.shape[0])
+    path = path or pick_path(x.shape[0], fmt)
     args = (x, qweight, scales, offsets, book, xa, B, bias, bits, fmt, n, k, group)
     if path == GEMV:
         return _run_gemv(*args)
