@@ -106,7 +106,8 @@ def test_odd_and_real_shapes(n, k, m):
 
 def test_split_k_and_configs():
     q = layer(WeightFormat("int", 4, 64), 96, 4096, rank=8, bias=True, seed=1)
-    for gemv, gemm in (({"SPLIT_K": 4, "J": 16}, {"SPLIT_K": 3, "J": 16}), ({"BN": 16, "J": 128}, {"BM": 64, "BN": 64})):
+    variants = (({"SPLIT_K": 4, "J": 16}, {"SPLIT_K": 3, "J": 16}), ({"BN": 16, "J": 128}, {"BM": 64, "BN": 64}))
+    for gemv, gemm in variants:
         ops.OVERRIDE.update(gemv=gemv, gemm=gemm)
         try:
             check(q, 1, torch.bfloat16, path=ops.GEMV)
