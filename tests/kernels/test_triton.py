@@ -125,7 +125,7 @@ def test_batched_input_and_cache_invalidation():
         assert y1.shape == (2, 3, 64)
         assert torch.allclose(y1.float().reshape(6, 64), reference(q, x.reshape(6, 256)), rtol=2e-2, atol=2e-2)
         q.scales.mul_(2)  # in-place change: the cached kernel state must be rebuilt
-        q.set_correction(torch.zeros(4, 256), torch.zeros(64, 4))
+        q.set_correction(torch.zeros(4, 256, device="cuda"), torch.randn(64, 4, device="cuda"))
         y2 = q(x)
         assert torch.allclose(y2.float().reshape(6, 64), reference(q, x.reshape(6, 256)), rtol=2e-2, atol=2e-2)
     assert set(q.state_dict()) == {"qweight", "scales", "offsets", "bias", "A", "B"}
