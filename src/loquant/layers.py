@@ -134,7 +134,8 @@ class QuantLinear(nn.Module):
         if cache is not None and torch.compiler.is_compiling():
             return cache[1:]  # built by an eager call; dynamo does not trace the key below
         tensors = [*self.packed().values(), *(t for t in (self.A, self.B, self.bias) if t is not None)]
-        key = (dtype, tuple((t.data_ptr(), t._version) for t in tensors))
+        # inference tensors (made under torch.inference_mode) carry no version counter
+        key = (dtype, tuple((t.data_ptr(), 0 if t.is_inference() else t._version) for t in tensors))
         if cache is None or cache[0] != key:
             state = prepare(self.packed(), self.fmt, (self.out_features, self.in_features))
             extra = [None if t is None else t.detach().to(dtype).contiguous() for t in (self.A, self.B, self.bias)]
