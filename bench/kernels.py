@@ -202,12 +202,12 @@ def section_configs(args):
     """Block shapes tried for the GEMV (M = 1) and small-M GEMM (M = 16)."""
     out_f, in_f = 11008, 4096
     print("\n### Config sweep (11008 × 4096), µs\n")
-    for name in ("INT4 g128", "NF4 g64", "INT2 g128", "INT3 g128"):
+    for name in ("INT4 g128", "INT4-sym g128", "NF4 g64", "INT2 g128", "INT3 g128"):
         j3 = name.startswith("INT3")
-        for cfg in ({"BN": 8, "J": 128, "num_warps": 4}, {"BN": 4, "J": 128, "num_warps": 4},
-                    {"BN": 4, "J": 256, "num_warps": 4}, {"BN": 8, "J": 256, "num_warps": 8},
-                    {"BN": 4, "J": 128, "num_warps": 2}, {"BN": 8, "J": 128, "num_warps": 8},
-                    {"BN": 2, "J": 256, "num_warps": 4}, {"BN": 8, "J": 64, "num_warps": 2}):  # fmt: skip
+        for cfg in ({"BN": 8, "J": 128, "num_warps": 4}, {"BN": 8, "J": 128, "num_warps": 8},
+                    {"BN": 16, "J": 128, "num_warps": 8}, {"BN": 4, "J": 128, "num_warps": 4},
+                    {"BN": 8, "J": 256, "num_warps": 8}, {"BN": 16, "J": 64, "num_warps": 4},
+                    {"BN": 32, "J": 64, "num_warps": 8}, {"BN": 16, "J": 128, "num_warps": 4}):  # fmt: skip
             if j3:
                 cfg = {**cfg, "J": cfg["J"] // 4}
             ops.OVERRIDE["gemv"] = cfg
@@ -217,15 +217,6 @@ def section_configs(args):
             except Exception as e:  # noqa: BLE001
                 print(f"gemv {name} {cfg}: failed {type(e).__name__}: {str(e)[:200]}")
         ops.OVERRIDE.pop("gemv", None)
-    for m in (16,):
-        for cfg in ({"BM": 16, "BN": 32, "J": 64}, {"BM": 16, "BN": 64, "J": 32}, {"BM": 16, "BN": 32, "J": 32},
-                    {"BM": 16, "BN": 64, "J": 16}, {"BM": 16, "BN": 32, "J": 16, "num_stages": 3}):  # fmt: skip
-            ops.OVERRIDE["gemm"] = cfg
-            try:
-                us, _ = bench_loquant(out_f, in_f, FORMATS["INT4 g128"], m, path=ops.GEMM)
-                print(f"gemm INT4 M={m} {cfg}: {us:.1f} µs", flush=True)
-            except Exception as e:  # noqa: BLE001
-                print(f"gemm M={m} {cfg}: failed {type(e).__name__}: {str(e)[:200]}")
     ops.OVERRIDE.pop("gemm", None)
 
 
