@@ -87,13 +87,10 @@ def _run_gemv(x2, qweight, scales, offsets, book, xa, B, bias, bits, fmt, n, k, 
     split = triton.cdiv(ku, per_split)
     y = torch.zeros(m, n, device=x2.device, dtype=torch.float32) if split > 1 else x2.new_empty(m, n)
     r = B.shape[1] if B is not None else 0
-    cpu = _units(bits, k)[0]
-    # 2 and 4 bits: x planar in fp32 (code position s, then unit), one small copy kernel
-    xp = x2 if bits == 3 else x2.view(m, ku, cpu).transpose(1, 2).float().contiguous()
     _gemv_kernel[(m, triton.cdiv(n, bn), split)](
-        xp, q, scales, z, bk, xa if xa is not None else x2, B if B is not None else x2,
+        x2, q, scales, z, bk, xa if xa is not None else x2, B if B is not None else x2,
         bias if bias is not None else x2, y, n, ku, rw, scales.shape[1], group, r, per_split,
-        xp.stride(0), xa.stride(0) if xa is not None else 0, y.stride(0),
+        x2.stride(0), xa.stride(0) if xa is not None else 0, y.stride(0),
         BITS=bits, FMT=fmt, HAS_Z=has_z, HAS_CORR=B is not None, HAS_BIAS=bias is not None, BN=bn, J=j,
         RP=max(16, triton.next_power_of_2(max(r, 1))), SPLIT_K=split, **cfg)  # fmt: skip
     return y if split == 1 else y.to(x2.dtype)

@@ -134,14 +134,12 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, book_ptr, xa_ptr, b_ptr, bias_ptr, 
     CPU: tl.constexpr = 32 if BITS == 3 else 32 // BITS  # codes per unit
     WPU: tl.constexpr = 3 if BITS == 3 else 1  # words per unit
     NEED_X: tl.constexpr = FMT != 2 or HAS_Z
-    PLANAR: tl.constexpr = BITS != 3  # x arrives planar fp32 (see ops._run_gemv)
     m = tl.program_id(0)  # rows of x that share a weight tile run back to back (L2 reuse)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     rn = pid_n * BN + tl.arange(0, BN)
     mask_n = rn < N
     rj = tl.arange(0, J)
-    zero_n = tl.zeros((BN,), dtype=tl.int32)
     x_row = x_ptr + m * stride_xm
     acc = tl.zeros((BN, J), dtype=tl.float32)
     u_begin = pid_k * units_per_split
@@ -173,32 +171,16 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, book_ptr, xa_ptr, b_ptr, bias_ptr, 
             n2 = n0
         Pn, Qn = _params(s_ptr, z_ptr, rn, (un * CPU) // G, NG, mask_nx, BITS, FMT, HAS_Z)
         t = tl.zeros((BN, J), dtype=tl.float32)
-        if PLANAR:
-            # x comes planar (x[m, u*CPU + s] at s*KU + u, fp32) and is read through a (BN, J)
-            # pointer shaped like the words': Triton then gives it the words' register layout
-            # and needs no layout conversion (shared memory + barrier) per code position.
-            xsum = tl.zeros((BN, J), dtype=tl.float32)
-            xb = x_row + u[None, :] + zero_n[:, None]
-            for s in tl.static_range(CPU):
-                f = _decode(w0, w1, w2, book_ptr, s, BITS, FMT)
-                xs = tl.load(xb + s * KU, mask=mask_u[None, :], other=0.0)
-                t += f * xs
-                if NEED_X:
-                    xsum += xs
-            acc += P * t
+        xsum = tl.zeros((J,), dtype=tl.float32)
+        for s in tl.static_range(CPU):
+            f = _decode(w0, w1, w2, book_ptr, s, BITS, FMT)
+            xs = tl.load(x_row + u * CPU + s, mask=mask_u, other=0.0).to(tl.float32)
+            t += f * xs[None, :]
             if NEED_X:
-                acc += Q * xsum
-        else:
-            xsum1 = tl.zeros((J,), dtype=tl.float32)
-            for s in tl.static_range(CPU):
-                f = _decode(w0, w1, w2, book_ptr, s, BITS, FMT)
-                xs1 = tl.load(x_row + u * CPU + s, mask=mask_u, other=0.0).to(tl.float32)
-                t += f * xs1[None, :]
-                if NEED_X:
-                    xsum1 += xs1
-            acc += P * t
-            if NEED_X:
-                acc += Q * xsum1[None, :]
+                xsum += xs
+        acc += P * t
+        if NEED_X:
+            acc += Q * xsum[None, :]
         w0, w1, w2, P, Q = n0, n1, n2, Pn, Qn
     y = tl.sum(acc, axis=1)
     first = pid_k == 0
