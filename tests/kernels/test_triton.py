@@ -15,12 +15,7 @@ pytest.importorskip("triton")
 
 from loquant.kernels import ops  # noqa: E402
 
-FORMATS = [
-    WeightFormat(f, b, g)
-    for f in ("int", "int-sym", "nf")
-    for b in (2, 3, 4)
-    for g in (32, 64, 128, 256, -1)
-]
+FORMATS = [WeightFormat(f, b, g) for f in ("int", "int-sym", "nf") for b in (2, 3, 4) for g in (32, 64, 128, 256, -1)]
 EXTRA = [WeightFormat("int", 4, 64, double_quant=True), WeightFormat("nf", 4, 64, double_quant=True, icq=True),
          WeightFormat("nf", 3, 128, icq=True)]  # fmt: skip
 
