@@ -11,17 +11,17 @@ Every format is written as w = f(c) · P + Q with per-(row, group) P, Q:
            P = 2^b · scale, Q = offset - 2^b · scale
   int-sym  same f, P = 2^b · scale, Q = -(2^b + 2^(b-1)) · scale
   nf       f = book[c] (a 2^b-entry table, L1-resident), P = scale, Q = icq shift or 0.
-Kernels walk K in units; every code s of a unit (static loop) touches the matching strided
-columns x[u·CPU + s] of the input. A unit never straddles a group (group % CPU == 0).
+Kernels walk K in units. A unit never straddles a group (group % codes-per-unit == 0).
 
-_gemv_kernel (M small, CUDA cores): per row and unit, T = Σ_s f_s·x_s and X = Σ_s x_s are
-  summed over the unit's codes, then acc += P·T + Q·X: 3 instructions per code (shift,
-  and-or, FMA). Optional split-K through fp32 atomics.
-_gemm_kernel (M larger, tensor cores): per code position s, W_s = f_s·P + Q is rounded to
-  x's dtype and multiplied with x[:, u·CPU + s] by tl.dot (K-extent = units per step).
-_dequant_kernel: writes deq(W) in x's dtype (used for very large M, followed by cuBLAS).
-The low-rank correction enters the epilogue: y += xa · B[n-tile]ᵀ with xa = x·Aᵀ (M x r),
-computed before the launch.
+_gemv_kernel (M <= 2, CUDA cores): 2-D (rows x units) tiles; a static loop over the code
+  position s inside a unit decodes f_s for every unit and multiplies it with x[u·CPU + s];
+  T = Σ_s f_s·x_s and X = Σ_s x_s per unit, then acc += P·T + Q·X. The next step's words and
+  parameters are loaded one step ahead in registers. Optional split-K through fp32 atomics.
+_gemm_kernel (tensor cores): the (rows x units x codes) tile is decoded in column order,
+  W = f·P + Q rounded to x's dtype, and one tl.dot per K step multiplies it with x's tile.
+_dequant_kernel: writes deq(W) in x's dtype (large M: cuBLAS then multiplies).
+The low-rank correction enters the GEMV / GEMM epilogue: y += xa · B[n-tile]ᵀ with
+xa = x·Aᵀ (M x r) computed before the launch; y is written once.
 """
 
 from __future__ import annotations
