@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loquant.formats import WeightFormat, dequantize_weight, quantize_weight
+from loquant.kernels import kernel_reason, prepare, qlinear, triton_available
 
 CORRECTION_DTYPE = torch.float16
 
@@ -121,7 +122,41 @@ class QuantLinear(nn.Module):
         """deq(W) without the correction, (out x in)."""
         return dequantize_weight(self.packed(), self.fmt, (self.out_features, self.in_features), dtype)
 
+    def _apply(self, fn, recurse=True):
+        self._kernel_cache = None  # device / dtype changes rebuild it
+        return super()._apply(fn, recurse)
+
+    def _kernel_state(self, dtype: torch.dtype):
+        """The Triton kernels' inputs, built once per dtype and reused while the buffers and
+        correction are unchanged (same storage, same version). A plain attribute: never in
+        state_dict or saved files."""
+        cache = getattr(self, "_kernel_cache", None)
+        if cache is not None and torch.compiler.is_compiling():
+            return cache[1:]  # built by an eager call; dynamo does not trace the key below
+        tensors = [*self.packed().values(), *(t for t in (self.A, self.B, self.bias) if t is not None)]
+        # inference tensors (made under torch.inference_mode) carry no version counter
+        key = (dtype, tuple((t.data_ptr(), 0 if t.is_inference() else t._version) for t in tensors))
+        if cache is None or cache[0] != key:
+            state = prepare(self.packed(), self.fmt, (self.out_features, self.in_features))
+            extra = [None if t is None else t.detach().to(dtype).contiguous() for t in (self.A, self.B, self.bias)]
+            cache = self._kernel_cache = (key, state, *extra)
+        return cache[1:]
+
+    def uses_kernel(self, x: torch.Tensor) -> bool:
+        """Whether forward(x) runs the fused Triton kernel: CUDA, bf16/fp16 input, no autograd
+        through x, a supported format and shape, triton installed."""
+        return (
+            x.is_cuda
+            and x.dtype in (torch.bfloat16, torch.float16)
+            and not (torch.is_grad_enabled() and x.requires_grad)
+            and kernel_reason(self.fmt, self.out_features, self.in_features) is None
+            and triton_available()
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.uses_kernel(x):
+            state, A, B, bias = self._kernel_state(x.dtype)
+            return qlinear(x, state, A, B, bias)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if torch.is_grad_enabled() and x.requires_grad:
             # Under autocast, compute in the autocast dtype as F.linear would.

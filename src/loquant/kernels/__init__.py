@@ -1,0 +1,78 @@
+"""Fused dequantize-matmul kernels (Triton, CUDA) for QuantLinear.
+
+Nothing here imports triton at import time: `kernel_reason` and `prepare` are plain torch,
+and the Triton launchers (loquant.kernels.ops) load on the first CUDA call.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from loquant.formats.codec import group_params
+from loquant.formats.normalfloat import nf_codebook
+from loquant.formats.spec import WeightFormat
+
+FMT_IDS = {"int": 0, "int-sym": 1, "nf": 2}
+
+
+def kernel_reason(fmt: WeightFormat, out_features: int, in_features: int) -> str | None:
+    """Why a layer cannot use the Triton kernels (None: it can)."""
+    if fmt.bits not in (2, 3, 4):
+        return f"{fmt.bits}-bit codes (the kernels read 2, 3 and 4 bits)"
+    cpu = 32 if fmt.bits == 3 else 32 // fmt.bits
+    if in_features % cpu:
+        return f"in_features {in_features} is not a multiple of {cpu} (rows must start on a 32-bit word)"
+    group = fmt.group_len(in_features)
+    if group != in_features and group % cpu:
+        return f"group size {group} is not a multiple of {cpu} codes"
+    return None
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def prepare(tensors: dict[str, torch.Tensor], fmt: WeightFormat, shape: tuple[int, int]) -> dict:
+    """The kernel's view of a layer's stored tensors: qweight as is, per-group parameters as
+    stored (fp16) or, when double-quantized or with icq shifts, expanded to fp32 once here."""
+    out_f, in_f = shape
+    params = fmt.param_names
+    expand = any(fmt.double_quantized(p) for p in params)
+    p = group_params(tensors, fmt) if expand else {name: tensors[name] for name in params}
+    second = p.get("offsets", p.get("shifts"))
+    book = nf_codebook(fmt.bits).to(tensors["qweight"].device) if fmt.format == "nf" else None
+    return {
+        "qweight": tensors["qweight"],
+        "scales": p["scales"].contiguous(),
+        "offsets": None if second is None else second.contiguous(),
+        "book": book,
+        "bits": fmt.bits,
+        "fmt": FMT_IDS[fmt.format],
+        "n": out_f,
+        "k": in_f,
+        "group": fmt.group_len(in_f),
+    }
+
+
+def qlinear(
+    x: torch.Tensor,
+    prepared: dict,
+    A: torch.Tensor | None = None,
+    B: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    path: int = 0,
+) -> torch.Tensor:
+    """y = x · deq(W)ᵀ + (x · Aᵀ) · Bᵀ + bias on CUDA; A, B, bias already in x's dtype."""
+    import loquant.kernels.ops  # noqa: F401  (imports triton, registers torch.ops.loquant.qmm)
+
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    xa = None if A is None else torch.nn.functional.linear(x2, A)
+    p = prepared
+    y = torch.ops.loquant.qmm(x2, p["qweight"], p["scales"], p["offsets"], p["book"], xa, B, bias, p["bits"],
+                              p["fmt"], p["n"], p["k"], p["group"], path)  # fmt: skip
+    return y.reshape(*shape[:-1], p["n"])

@@ -1,0 +1,174 @@
+"""Launchers for the Triton kernels and their torch.library registration (CUDA only).
+
+Importing this module imports triton; loquant.kernels imports it only for CUDA inputs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from loquant.kernels.triton_qmm import _dequant_kernel, _gemm_kernel, _gemv_kernel
+
+GEMV, GEMM, DEQUANT = 1, 2, 3
+# Path by M, from the H100 measurements in BENCHMARKS.md (11008 x 4096): the GEMV up to
+# GEMV_MAX_M rows; the fused tensor-core kernel for int / int-sym up to GEMM_MAX_M (it beat
+# dequantize + cuBLAS there; for nf its code-book gathers made it slower at every M); above,
+# the weight is dequantized into a temporary 16-bit matrix and multiplied by cuBLAS.
+GEMV_MAX_M = 2
+GEMM_MAX_M = 16
+# For the benchmark: {"gemv": dict(BN=..., J=..., num_warps=..., num_stages=...), "gemm": {...}}.
+OVERRIDE: dict[str, dict] = {}
+
+
+@functools.cache
+def _num_sms(device: int) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _units(bits: int, k: int) -> tuple[int, int, int]:
+    """(codes per unit, units per row, int32 words per row)."""
+    cpu = 32 if bits == 3 else 32 // bits
+    return cpu, k // cpu, k * bits // 32
+
+
+def _split(programs: int, units: int, j: int, sms: int) -> int:
+    """Split K so that about 2 programs per SM run, keeping at least 4 steps per split."""
+    split = 1
+    while programs * split < 2 * sms and units // (2 * split) >= 4 * j:
+        split *= 2
+    return split
+
+
+def gemv_config(bits: int, n: int, k: int) -> dict:
+    """8 rows x 128 units (32 for 3 bits) per step: the best of the sweep in BENCHMARKS.md."""
+    if bits == 3:
+        cfg = {"BN": 8, "J": 32, "num_warps": 8, "num_stages": 1}
+    else:
+        cfg = {"BN": 8, "J": 128, "num_warps": 4, "num_stages": 1}
+    cfg.update(OVERRIDE.get("gemv", {}))
+    return cfg
+
+
+def gemm_config(m: int, bits: int, n: int, k: int) -> dict:
+    """Block shapes; BK = codes per K step (J = BK / codes per unit)."""
+    if m <= 16:
+        cfg = {"BM": 16, "BN": 32, "BK": 256, "num_warps": 4, "num_stages": 2}
+    elif m <= 64:
+        cfg = {"BM": 64 if m > 32 else 32, "BN": 64, "BK": 256, "num_warps": 4, "num_stages": 2}
+    else:
+        cfg = {"BM": 128, "BN": 128, "BK": 128, "num_warps": 8, "num_stages": 2}
+    cfg.update(OVERRIDE.get("gemm", {}))
+    if "J" not in cfg:
+        cfg["J"] = max(1, cfg["BK"] // _units(bits, k)[0])
+    cfg.pop("BK", None)
+    return cfg
+
+
+def _common(x2, qweight, scales, offsets, book, bits, fmt, k):
+    q = qweight.view(torch.int32)
+    cpu, ku, rw = _units(bits, k)
+    has_z = offsets is not None
+    z = offsets if has_z else scales
+    bk = book if book is not None else scales
+    return q, z, bk, ku, rw, has_z
+
+
+def _run_gemv(x2, qweight, scales, offsets, book, xa, B, bias, bits, fmt, n, k, group):
+    m = x2.shape[0]
+    q, z, bk, ku, rw, has_z = _common(x2, qweight, scales, offsets, book, bits, fmt, k)
+    cfg = dict(gemv_config(bits, n, k))
+    bn, j = cfg.pop("BN"), cfg.pop("J")
+    split = cfg.pop("SPLIT_K", None) or _split(triton.cdiv(n, bn) * m, ku, j, _num_sms(x2.device.index or 0))
+    per_split = triton.cdiv(triton.cdiv(ku, split), j) * j
+    split = triton.cdiv(ku, per_split)
+    y = torch.zeros(m, n, device=x2.device, dtype=torch.float32) if split > 1 else x2.new_empty(m, n)
+    r = B.shape[1] if B is not None else 0
+    _gemv_kernel[(m, triton.cdiv(n, bn), split)](
+        x2, q, scales, z, bk, xa if xa is not None else x2, B if B is not None else x2,
+        bias if bias is not None else x2, y, n, ku, rw, scales.shape[1], group, r, per_split,
+        x2.stride(0), xa.stride(0) if xa is not None else 0, y.stride(0),
+        BITS=bits, FMT=fmt, HAS_Z=has_z, HAS_CORR=B is not None, HAS_BIAS=bias is not None, BN=bn, J=j,
+        RP=max(16, triton.next_power_of_2(max(r, 1))), SPLIT_K=split, **cfg)  # fmt: skip
+    return y if split == 1 else y.to(x2.dtype)
+
+
+def _run_gemm(x2, qweight, scales, offsets, book, xa, B, bias, bits, fmt, n, k, group):
+    m = x2.shape[0]
+    q, z, bk, ku, rw, has_z = _common(x2, qweight, scales, offsets, book, bits, fmt, k)
+    cfg = dict(gemm_config(m, bits, n, k))
+    bm, bn, j = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("J")
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    split = cfg.pop("SPLIT_K", None) or _split(tiles, ku, j, _num_sms(x2.device.index or 0))
+    per_split = triton.cdiv(triton.cdiv(ku, split), j) * j
+    split = triton.cdiv(ku, per_split)
+    y = torch.zeros(m, n, device=x2.device, dtype=torch.float32) if split > 1 else x2.new_empty(m, n)
+    r = B.shape[1] if B is not None else 0
+    _gemm_kernel[(tiles, split)](
+        x2, q, scales, z, bk, xa if xa is not None else x2, B if B is not None else x2,
+        bias if bias is not None else x2, y, m, n, ku, rw, scales.shape[1], group, r, per_split,
+        x2.stride(0), xa.stride(0) if xa is not None else 0, y.stride(0),
+        BITS=bits, FMT=fmt, HAS_Z=has_z, HAS_CORR=B is not None, HAS_BIAS=bias is not None, BM=bm, BN=bn,
+        J=j, RP=max(16, triton.next_power_of_2(max(r, 1))), SPLIT_K=split, GROUP_M=8, **cfg)  # fmt: skip
+    return y if split == 1 else y.to(x2.dtype)
+
+
+def dequantize(qweight, scales, offsets, book, bits: int, fmt: int, n: int, k: int, group: int, dtype):
+    """deq(W) (n x k) in dtype, written by one Triton kernel."""
+    q, z, bk, ku, rw, has_z = _common(None, qweight, scales, offsets, book, bits, fmt, k)
+    w = torch.empty(n, k, device=qweight.device, dtype=dtype)
+    bn, j = 32, 32
+    _dequant_kernel[(triton.cdiv(n, bn), triton.cdiv(ku, j))](
+        q, scales, z, bk, w, n, k, ku, rw, scales.shape[1], group, BITS=bits, FMT=fmt, HAS_Z=has_z, BN=bn, J=j,
+        num_warps=4)  # fmt: skip
+    return w
+
+
+def pick_path(m: int, fmt: int) -> int:
+    if m <= GEMV_MAX_M:
+        return GEMV
+    return GEMM if m <= GEMM_MAX_M and fmt != 2 else DEQUANT
+
+
+@torch.library.custom_op("loquant::qmm", mutates_args=())
+def qmm(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    offsets: torch.Tensor | None,
+    book: torch.Tensor | None,
+    xa: torch.Tensor | None,
+    B: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    bits: int,
+    fmt: int,
+    n: int,
+    k: int,
+    group: int,
+    path: int = 0,
+) -> torch.Tensor:
+    """x (M x k, bf16/fp16, contiguous) · deq(W)ᵀ (+ xa · Bᵀ + bias) -> (M x n) in x's dtype.
+
+    qweight: loquant's packed uint8 codes; scales / offsets (icq shifts for nf): (n x groups)
+    fp16 or fp32; book: the nf code book (fp32); xa = x · Aᵀ (M x r) and B (n x r) in x's
+    dtype; path 0 picks GEMV / fused GEMM / dequantize+cuBLAS from M.
+    """
+    path = path or pick_path(x.shape[0], fmt)
+    args = (x, qweight, scales, offsets, book, xa, B, bias, bits, fmt, n, k, group)
+    if path == GEMV:
+        return _run_gemv(*args)
+    if path == GEMM:
+        return _run_gemm(*args)
+    w = dequantize(qweight, scales, offsets, book, bits, fmt, n, k, group, x.dtype)
+    y = F.linear(x, w, bias)
+    if B is not None:
+        y = y + F.linear(xa, B)
+    return y
+
+
+@qmm.register_fake
+def _(x, qweight, scales, offsets, book, xa, B, bias, bits, fmt, n, k, group, path=0):
+    return x.new_empty(x.shape[0], n)

@@ -1,0 +1,139 @@
+"""The Triton kernels against the PyTorch reference path (CUDA only; skipped elsewhere).
+
+Every run writes into a NaN-poisoned output (the launch wrappers allocate with empty, so the
+allocator is primed with NaN first) and fails on any unwritten element.
+"""
+
+import pytest
+import torch
+
+from loquant import QuantLinear, WeightFormat
+
+if not torch.cuda.is_available():
+    pytest.skip("needs CUDA", allow_module_level=True)
+pytest.importorskip("triton")
+
+from loquant.kernels import ops  # noqa: E402
+
+FORMATS = [WeightFormat(f, b, g) for f in ("int", "int-sym", "nf") for b in (2, 3, 4) for g in (32, 64, 128, 256, -1)]
+EXTRA = [WeightFormat("int", 4, 64, double_quant=True), WeightFormat("nf", 4, 64, double_quant=True, icq=True),
+         WeightFormat("nf", 3, 128, icq=True)]  # fmt: skip
+
+
+def poison():
+    """Fill the caching allocator's free blocks (large and small pools) with NaN, so that
+    the outputs the kernels allocate with empty() start as NaN."""
+    blocks = [torch.full((64 << 20,), float("nan"), device="cuda")]
+    blocks += [torch.full((1 << 17,), float("nan"), device="cuda") for _ in range(64)]
+    del blocks
+
+
+def layer(fmt, n, k, rank, bias, seed):
+    torch.manual_seed(seed)
+    w = torch.randn(n, k, device="cuda") * 0.05
+    q = QuantLinear.from_weight(w, torch.randn(n, device="cuda") if bias else None, fmt)
+    if rank:
+        q.set_correction(torch.randn(rank, k, device="cuda") * 0.05, torch.randn(n, rank, device="cuda") * 0.05)
+    return q.eval()
+
+
+def reference(q, x):
+    """The CPU-free reference: the layer's own PyTorch path in float32."""
+    y = x.float() @ q.dequantize(torch.float32).T
+    if q.A is not None:
+        y += (x.float() @ q.A.float().T) @ q.B.float().T
+    if q.bias is not None:
+        y += q.bias.float()
+    return y
+
+
+def check(q, m, dtype, path=0, tol=1e-2):
+    x = torch.randn(m, q.in_features, device="cuda", dtype=dtype)
+    poison()
+    with torch.no_grad():
+        assert q.uses_kernel(x)
+        if path:
+            from loquant.kernels import qlinear
+
+            state, A, B, bias = q._kernel_state(dtype)
+            y = qlinear(x, state, A, B, bias, path=path)
+        else:
+            y = q(x)
+    assert y.dtype == dtype and y.shape == (m, q.out_features)
+    assert torch.isfinite(y).all(), "unwritten (NaN) or non-finite outputs"
+    ref = reference(q, x)
+    err = ((y.float() - ref).norm() / ref.norm()).item()
+    assert err < tol, err
+
+
+@pytest.mark.parametrize("fmt", FORMATS + EXTRA, ids=lambda f: f.describe().replace(" ", "-"))
+def test_every_format_and_m(fmt):
+    q = layer(fmt, 200, 512, rank=0, bias=False, seed=fmt.bits)
+    for m in (1, 3, 16, 64, 512):
+        check(q, m, torch.bfloat16)
+
+
+@pytest.mark.parametrize("path", [ops.GEMV, ops.GEMM, ops.DEQUANT])
+@pytest.mark.parametrize("rank,bias", [(0, False), (64, True), (5, False)])
+@pytest.mark.parametrize("fmt", [WeightFormat("int", 4, 128), WeightFormat("nf", 4, 64), WeightFormat("int-sym", 3, 32),
+                                 WeightFormat("int", 2, 64)], ids=lambda f: f.describe().replace(" ", "-"))  # fmt: skip
+def test_paths_correction_bias(fmt, rank, bias, path):
+    q = layer(fmt, 328, 1024, rank=rank, bias=bias, seed=rank)
+    for m in (1, 5, 33):
+        check(q, m, torch.bfloat16, path=path)
+
+
+@pytest.mark.parametrize("path", [ops.GEMV, ops.GEMM, ops.DEQUANT])
+@pytest.mark.parametrize("fmt", [WeightFormat("int", 4, 128), WeightFormat("nf", 3, 64)],
+                         ids=lambda f: f.describe().replace(" ", "-"))  # fmt: skip
+def test_float16(fmt, path):
+    q = layer(fmt, 328, 1024, rank=16, bias=True, seed=5)
+    for m in (1, 5, 33):
+        check(q, m, torch.float16, path=path)
+
+
+@pytest.mark.parametrize("n,k", [(1, 32), (7, 96), (129, 4128), (4100, 160), (11008, 4096), (4096, 11008)])
+@pytest.mark.parametrize("m", [1, 3, 64])
+def test_odd_and_real_shapes(n, k, m):
+    for fmt in (WeightFormat("int", 4, 32), WeightFormat("nf", 3, 32), WeightFormat("int-sym", 2, 32)):
+        check(layer(fmt, n, k, rank=8, bias=True, seed=n), m, torch.bfloat16)
+
+
+def test_split_k_and_configs():
+    q = layer(WeightFormat("int", 4, 64), 96, 4096, rank=8, bias=True, seed=1)
+    variants = (({"SPLIT_K": 4, "J": 16}, {"SPLIT_K": 3, "J": 16}), ({"BN": 16, "J": 128}, {"BM": 64, "BN": 64}))
+    for gemv, gemm in variants:
+        ops.OVERRIDE.update(gemv=gemv, gemm=gemm)
+        try:
+            check(q, 1, torch.bfloat16, path=ops.GEMV)
+            check(q, 4, torch.float16, path=ops.GEMV)
+            check(q, 20, torch.bfloat16, path=ops.GEMM)
+        finally:
+            ops.OVERRIDE.clear()
+
+
+def test_batched_input_and_cache_invalidation():
+    q = layer(WeightFormat("int", 4, 128), 64, 256, rank=4, bias=True, seed=2)
+    x = torch.randn(2, 3, 256, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        y1 = q(x)
+        assert y1.shape == (2, 3, 64)
+        assert torch.allclose(y1.float().reshape(6, 64), reference(q, x.reshape(6, 256)), rtol=2e-2, atol=2e-2)
+        q.scales.mul_(2)  # in-place change: the cached kernel state must be rebuilt
+        q.set_correction(torch.zeros(4, 256, device="cuda"), torch.randn(64, 4, device="cuda"))
+        y2 = q(x)
+        assert torch.allclose(y2.float().reshape(6, 64), reference(q, x.reshape(6, 256)), rtol=2e-2, atol=2e-2)
+    assert set(q.state_dict()) == {"qweight", "scales", "offsets", "bias", "A", "B"}
+
+
+def test_training_keeps_reference_path_and_torch_compile():
+    q = layer(WeightFormat("nf", 4, 64), 64, 256, rank=4, bias=False, seed=3)
+    x = torch.randn(5, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    assert not q.uses_kernel(x)
+    q(x).sum().backward()
+    assert x.grad is not None
+    with torch.no_grad():
+        xe = x.detach()
+        eager = q(xe)
+        compiled = torch.compile(q)(xe)
+    assert torch.allclose(eager.float(), compiled.float(), rtol=1e-2, atol=1e-2)
