@@ -54,6 +54,13 @@ def test_correction_is_16_bit_and_counts():
     assert layer.rank == 0 and "A" not in layer.state_dict()
 
 
+def test_correction_lands_on_the_layer_device():
+    layer, _, _ = make()
+    layer.to("meta")
+    layer.set_correction(torch.zeros(4, layer.in_features), torch.zeros(layer.out_features, 4))
+    assert layer.A.is_meta and layer.B.is_meta  # computed elsewhere, stored with the packed weight
+
+
 def test_correction_shape_checked():
     layer, _, _ = make()
     with pytest.raises(ValueError, match="do not fit"):

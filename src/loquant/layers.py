@@ -112,8 +112,9 @@ class QuantLinear(nn.Module):
                 f"correction shapes A {tuple(A.shape)}, B {tuple(B.shape)} do not fit "
                 f"a {self.out_features}x{self.in_features} layer"
             )
-        self.A = nn.Parameter(A.detach().to(CORRECTION_DTYPE), requires_grad=False)
-        self.B = nn.Parameter(B.detach().to(CORRECTION_DTYPE), requires_grad=False)
+        device = self.qweight.device  # the layer's, wherever the factors were computed
+        self.A = nn.Parameter(A.detach().to(device, CORRECTION_DTYPE), requires_grad=False)
+        self.B = nn.Parameter(B.detach().to(device, CORRECTION_DTYPE), requires_grad=False)
 
     def packed(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in self.buffer_names}
