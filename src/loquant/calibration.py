@@ -9,7 +9,7 @@ statistic: a hook that sees the very tensor the previous hook saw joins its grou
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -143,9 +143,10 @@ def block_list(model: nn.Module, layers: list[str]) -> tuple[str, nn.ModuleList]
 
 
 def capture_inputs(model: nn.Module, windows: torch.Tensor, first_block: nn.Module,
-                   batch_size: int = 4) -> list[tuple[tuple, dict]]:  # fmt: skip
-    """The (args, kwargs) the first block is called with, per batch of windows: the model's
-    own forward up to that block, so positions, masks and rotary embeddings come from it."""
+                   batch_size: int = 4) -> Iterator[tuple[tuple, dict]]:  # fmt: skip
+    """The (args, kwargs) the first block is called with, yielded batch by batch (a caller may
+    move each to disk before the next is made): the model's own forward up to that block, so
+    positions, masks and rotary embeddings come from it."""
     captured: list[tuple[tuple, dict]] = []
 
     def grab(module, args, kwargs):
@@ -155,15 +156,15 @@ def capture_inputs(model: nn.Module, windows: torch.Tensor, first_block: nn.Modu
     handle = first_block.register_forward_pre_hook(grab, with_kwargs=True)
     device = next(p for p in model.parameters() if p.device.type != "meta").device
     try:
-        with torch.inference_mode():
-            for batch in windows.split(batch_size):
+        for batch in windows.split(batch_size):
+            with torch.inference_mode():
                 try:
                     model(input_ids=batch.to(device), use_cache=False)
                 except _StopForward:
                     pass
+            yield captured.pop()
     finally:
         handle.remove()
-    return captured
 
 
 def hidden_of(inputs: tuple[tuple, dict]) -> torch.Tensor:
@@ -216,7 +217,7 @@ def run_sequential(
     feed the next.
     """
     prefix, blocks = block_list(model, list(layers))
-    captured = capture_inputs(model, windows, blocks[0], batch_size)
+    captured = list(capture_inputs(model, windows, blocks[0], batch_size))
     for i in tqdm(range(len(blocks)), desc="sequential", disable=not progress, unit="block"):
         mine = {n: m for n, m in layers.items() if n.startswith(f"{prefix}.{i}.")}
         calib = block_stats(blocks[i], mine, captured)

@@ -28,10 +28,12 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -88,7 +90,6 @@ class Shards:
 
 def skeleton(folder: Path) -> nn.Module:
     """The model of `folder`'s config.json with its parameters on the meta device."""
-    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
@@ -108,11 +109,13 @@ class BlockInputs:
     """The current block's inputs per calibration batch, (args, kwargs); with `folder`, the
     hidden states live there (one file per batch) and memory holds one batch at a time."""
 
-    def __init__(self, calls: list[tuple[tuple, dict]], folder: Path | None) -> None:
-        self.calls, self.folder = calls, folder
+    def __init__(self, calls: Iterable[tuple[tuple, dict]], folder: Path | None) -> None:
+        self.calls, self.folder = [], folder
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
-            for j, call in enumerate(calls):
+        for j, call in enumerate(calls):  # each batch goes to disk before the next is captured
+            self.calls.append(call)
+            if folder is not None:
                 self.update(j, hidden_of(call))
 
     def __len__(self) -> int:
@@ -197,10 +200,12 @@ def quantize_streaming(
     if config.needs_calibration:  # the first block's inputs, from the model's own forward
         start = time.perf_counter()
         outside = [k for k in model_state if not k.startswith(f"{prefix}.")]
-        _load_into_model(model, outside, shards, model_state)
+        # a tied alias missing from the checkpoint (lm_head) stays on meta: the capture never reaches it
+        present = [k for k in outside if k in shards.weight_map]
+        model.load_state_dict(shards.read(present, model_state), strict=False, assign=True)
         inputs = BlockInputs(capture_inputs(model, calib, blocks[0], batch_size), offload)
         for name in outside:  # the embeddings are not needed again
-            _to_meta(model, name)
+            set_module_tensor_to_device(model, name, "meta")
         timings["calibration_s"] += time.perf_counter() - start
 
     group_at = {index_of[block_key(g[0])]: (i, g) for i, g in enumerate(groups) if g is not tail}
@@ -259,23 +264,6 @@ def _release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-
-def _load_into_model(model: nn.Module, names: list[str], shards: Shards, like: dict) -> None:
-    """Read the named tensors into the model; a tied alias missing from the checkpoint stays meta."""
-    present = [n for n in names if n in shards.weight_map]
-    state = shards.read(present, like)
-    model.load_state_dict(state, strict=False, assign=True)
-
-
-def _to_meta(model: nn.Module, name: str) -> None:
-    module_name, _, leaf = name.rpartition(".")
-    module = model.get_submodule(module_name)
-    t = getattr(module, leaf)
-    if isinstance(t, nn.Parameter):
-        setattr(module, leaf, nn.Parameter(t.to("meta"), requires_grad=t.requires_grad))
-    elif isinstance(t, torch.Tensor):
-        module._buffers[leaf] = t.to("meta")
 
 
 def _tail(model, formats: dict, i, builder, shards, like, bar) -> None:
