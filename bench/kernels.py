@@ -199,25 +199,24 @@ def section_paths(args):
 
 
 def section_configs(args):
-    """Block shapes tried for the GEMV (M = 1) and small-M GEMM (M = 16)."""
+    """Layouts tried for the Gluon GEMV at M = 1 and M = 4 (the defaults: gluon_gemv.gemv_config)."""
     out_f, in_f = 11008, 4096
-    print("\n### Config sweep (11008 × 4096), µs\n")
-    for name in ("INT4 g128", "INT4-sym g128", "NF4 g64", "INT2 g128", "INT3 g128"):
-        j3 = name.startswith("INT3")
-        for cfg in ({"BN": 8, "J": 128, "num_warps": 4}, {"BN": 8, "J": 128, "num_warps": 8},
-                    {"BN": 16, "J": 128, "num_warps": 8}, {"BN": 4, "J": 128, "num_warps": 4},
-                    {"BN": 8, "J": 256, "num_warps": 8}, {"BN": 16, "J": 64, "num_warps": 4},
-                    {"BN": 32, "J": 64, "num_warps": 8}, {"BN": 16, "J": 128, "num_warps": 4}):  # fmt: skip
-            if j3:
-                cfg = {**cfg, "J": cfg["J"] // 4}
-            ops.OVERRIDE["gemv"] = cfg
-            try:
-                us, b = bench_loquant(out_f, in_f, FORMATS[name], 1, path=ops.GEMV)
-                print(f"gemv {name} M=1 {cfg}: {us:.1f} µs ({b / us / 1e3:.0f} GB/s)", flush=True)
-            except Exception as e:  # noqa: BLE001
-                print(f"gemv {name} {cfg}: failed {type(e).__name__}: {str(e)[:200]}")
-        ops.OVERRIDE.pop("gemv", None)
-    ops.OVERRIDE.pop("gemm", None)
+    print("\n### GEMV layout sweep (11008 × 4096), µs\n")
+    keys = ("MR", "RPT", "V", "TJ", "WR", "WJ")
+    m1 = ((1, 2, 4, 32, 2, 2), (1, 4, 4, 32, 1, 2), (1, 2, 4, 32, 4, 1), (1, 2, 4, 16, 2, 2), (1, 2, 2, 32, 2, 2),
+          (1, 1, 4, 32, 2, 2), (1, 4, 4, 8, 4, 1))  # fmt: skip
+    m4 = ((4, 2, 2, 32, 2, 2), (4, 2, 2, 16, 4, 1), (2, 2, 4, 32, 2, 2), (4, 1, 4, 32, 2, 2), (8, 1, 2, 32, 2, 2))
+    sweep = {1: [dict(zip(keys, c, strict=True)) for c in m1], 4: [dict(zip(keys, c, strict=True)) for c in m4]}
+    for name in ("INT4 g128", "NF4 g64", "INT2 g128"):
+        for m, cfgs in sweep.items():
+            for cfg in cfgs:
+                ops.OVERRIDE["gemv"] = cfg
+                try:
+                    us, b = bench_loquant(out_f, in_f, FORMATS[name], m, path=ops.GEMV)
+                    print(f"gemv {name} M={m} {cfg}: {us:.1f} µs ({b / us / 1e3:.0f} GB/s)", flush=True)
+                except Exception as e:  # noqa: BLE001
+                    print(f"gemv {name} M={m} {cfg}: failed {type(e).__name__}: {str(e)[:200]}")
+    ops.OVERRIDE.pop("gemv", None)
 
 
 def section_shapes(args):

@@ -11,16 +11,18 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from loquant.kernels.triton_qmm import _dequant_kernel, _gemm_kernel, _gemv_kernel
+from loquant.kernels import gluon_gemv
+from loquant.kernels.triton_qmm import _dequant_kernel, _gemm_kernel
 
 GEMV, GEMM, DEQUANT = 1, 2, 3
-# Path by M, from the H100 measurements in BENCHMARKS.md (11008 x 4096): the GEMV up to
-# GEMV_MAX_M rows; the fused tensor-core kernel for int / int-sym up to GEMM_MAX_M (it beat
-# dequantize + cuBLAS there; for nf its code-book gathers made it slower at every M); above,
-# the weight is dequantized into a temporary 16-bit matrix and multiplied by cuBLAS.
-GEMV_MAX_M = 2
+# Path by M, from the H100 measurements in BENCHMARKS.md (11008 x 4096): the Gluon GEMV up
+# to GEMV_MAX_M rows (it beat both other paths there, for every format); the fused
+# tensor-core kernel for int / int-sym up to GEMM_MAX_M (it beat dequantize + cuBLAS there;
+# for nf its code-book gathers made it slower at every M); above, the weight is dequantized
+# into a temporary 16-bit matrix and multiplied by cuBLAS.
+GEMV_MAX_M = 8
 GEMM_MAX_M = 16
-# For the benchmark: {"gemv": dict(BN=..., J=..., num_warps=..., num_stages=...), "gemm": {...}}.
+# For tests and the benchmark: {"gemv": gluon_gemv config keys, "gemm": {...}}.
 OVERRIDE: dict[str, dict] = {}
 
 
@@ -41,16 +43,6 @@ def _split(programs: int, units: int, j: int, sms: int) -> int:
     while programs * split < 2 * sms and units // (2 * split) >= 4 * j:
         split *= 2
     return split
-
-
-def gemv_config(bits: int, n: int, k: int) -> dict:
-    """8 rows x 128 units (32 for 3 bits) per step: the best of the sweep in BENCHMARKS.md."""
-    if bits == 3:
-        cfg = {"BN": 8, "J": 32, "num_warps": 8, "num_stages": 1}
-    else:
-        cfg = {"BN": 8, "J": 128, "num_warps": 4, "num_stages": 1}
-    cfg.update(OVERRIDE.get("gemv", {}))
-    return cfg
 
 
 def gemm_config(m: int, bits: int, n: int, k: int) -> dict:
@@ -78,22 +70,8 @@ def _common(x2, qweight, scales, offsets, book, bits, fmt, k):
 
 
 def _run_gemv(x2, qweight, scales, offsets, book, xa, B, bias, bits, fmt, n, k, group):
-    m = x2.shape[0]
-    q, z, bk, ku, rw, has_z = _common(x2, qweight, scales, offsets, book, bits, fmt, k)
-    cfg = dict(gemv_config(bits, n, k))
-    bn, j = cfg.pop("BN"), cfg.pop("J")
-    split = cfg.pop("SPLIT_K", None) or _split(triton.cdiv(n, bn) * m, ku, j, _num_sms(x2.device.index or 0))
-    per_split = triton.cdiv(triton.cdiv(ku, split), j) * j
-    split = triton.cdiv(ku, per_split)
-    y = torch.zeros(m, n, device=x2.device, dtype=torch.float32) if split > 1 else x2.new_empty(m, n)
-    r = B.shape[1] if B is not None else 0
-    _gemv_kernel[(m, triton.cdiv(n, bn), split)](
-        x2, q, scales, z, bk, xa if xa is not None else x2, B if B is not None else x2,
-        bias if bias is not None else x2, y, n, ku, rw, scales.shape[1], group, r, per_split,
-        x2.stride(0), xa.stride(0) if xa is not None else 0, y.stride(0),
-        BITS=bits, FMT=fmt, HAS_Z=has_z, HAS_CORR=B is not None, HAS_BIAS=bias is not None, BN=bn, J=j,
-        RP=max(16, triton.next_power_of_2(max(r, 1))), SPLIT_K=split, **cfg)  # fmt: skip
-    return y if split == 1 else y.to(x2.dtype)
+    cfg = gluon_gemv.gemv_config(x2.shape[0], bits, k, group) | OVERRIDE.get("gemv", {})
+    return gluon_gemv.gemv(x2, qweight, scales, offsets, book, xa, B, bias, bits, fmt, n, k, group, cfg)
 
 
 def _run_gemm(x2, qweight, scales, offsets, book, xa, B, bias, bits, fmt, n, k, group):

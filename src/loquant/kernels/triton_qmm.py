@@ -13,14 +13,11 @@ Every format is written as w = f(c) · P + Q with per-(row, group) P, Q:
   nf       f = book[c] (a 2^b-entry table, L1-resident), P = scale, Q = icq shift or 0.
 Kernels walk K in units. A unit never straddles a group (group % codes-per-unit == 0).
 
-_gemv_kernel (M <= 2, CUDA cores): 2-D (rows x units) tiles; a static loop over the code
-  position s inside a unit decodes f_s for every unit and multiplies it with x[u·CPU + s];
-  T = Σ_s f_s·x_s and X = Σ_s x_s per unit, then acc += P·T + Q·X. The next step's words and
-  parameters are loaded one step ahead in registers. Optional split-K through fp32 atomics.
+The small-M GEMV (CUDA cores) is in gluon_gemv.py: it needs explicit layouts.
 _gemm_kernel (tensor cores): the (rows x units x codes) tile is decoded in column order,
   W = f·P + Q rounded to x's dtype, and one tl.dot per K step multiplies it with x's tile.
 _dequant_kernel: writes deq(W) in x's dtype (large M: cuBLAS then multiplies).
-The low-rank correction enters the GEMV / GEMM epilogue: y += xa · B[n-tile]ᵀ with
+The low-rank correction enters the GEMM epilogue: y += xa · B[n-tile]ᵀ with
 xa = x·Aᵀ (M x r) computed before the launch; y is written once.
 """
 
@@ -30,47 +27,6 @@ import triton
 import triton.language as tl
 
 FMT_IDS = {"int": 0, "int-sym": 1, "nf": 2}
-
-
-@triton.jit
-def _code3(w0, w1, w2, s: tl.constexpr):
-    """Code s (0..31) of a 3-bit unit held in three words (raw integer code)."""
-    b: tl.constexpr = 3 * s
-    if b + 3 <= 32:
-        c = (w0 >> b) & 7
-    elif b < 32:
-        c = ((w0 >> 30) & 3) | ((w1 & 1) << 2)
-    elif b + 3 <= 64:
-        c = (w1 >> (b - 32)) & 7
-    elif b < 64:
-        c = ((w1 >> 31) & 1) | ((w2 & 3) << 1)
-    else:
-        c = (w2 >> (b - 64)) & 7
-    return c
-
-
-@triton.jit
-def _decode(w0, w1, w2, book_ptr, s: tl.constexpr, BITS: tl.constexpr, FMT: tl.constexpr):
-    """f(code s of each unit) as float32: book[c] for nf, 1 + c/2^BITS otherwise."""
-    if FMT == 2:
-        if BITS == 3:
-            c = _code3(w0, w1, w2, s)
-        else:
-            c = (w0 >> (BITS * s)) & ((1 << BITS) - 1)
-        f = tl.load(book_ptr + c)
-    else:
-        TOP: tl.constexpr = 23 - BITS  # the code's lowest bit lands on mantissa bit TOP
-        MASK: tl.constexpr = ((1 << BITS) - 1) << TOP
-        if BITS == 3:
-            bits = _code3(w0, w1, w2, s) << TOP
-        else:
-            sh: tl.constexpr = BITS * s
-            if sh <= TOP:
-                bits = (w0 << (TOP - sh)) & MASK
-            else:
-                bits = (w0 >> (sh - TOP)) & MASK
-        f = (bits | 0x3F800000).to(tl.float32, bitcast=True)
-    return f
 
 
 @triton.jit
@@ -123,79 +79,6 @@ def _params(s_ptr, z_ptr, rn, gidx, NG, mask, BITS: tl.constexpr, FMT: tl.conste
         P = sc * CS
         Q = tl.load(z_ptr + off, mask=mask, other=0.0).to(tl.float32) - P
     return P, Q
-
-
-@triton.jit
-def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, book_ptr, xa_ptr, b_ptr, bias_ptr, y_ptr,
-                 N, KU, RW, NG, G, R, units_per_split, stride_xm, stride_xam, stride_ym,
-                 BITS: tl.constexpr, FMT: tl.constexpr, HAS_Z: tl.constexpr, HAS_CORR: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, BN: tl.constexpr, J: tl.constexpr, RP: tl.constexpr,
-                 SPLIT_K: tl.constexpr):  # fmt: skip
-    CPU: tl.constexpr = 32 if BITS == 3 else 32 // BITS  # codes per unit
-    WPU: tl.constexpr = 3 if BITS == 3 else 1  # words per unit
-    NEED_X: tl.constexpr = FMT != 2 or HAS_Z
-    m = tl.program_id(0)  # rows of x that share a weight tile run back to back (L2 reuse)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    rn = pid_n * BN + tl.arange(0, BN)
-    mask_n = rn < N
-    rj = tl.arange(0, J)
-    x_row = x_ptr + m * stride_xm
-    acc = tl.zeros((BN, J), dtype=tl.float32)
-    u_begin = pid_k * units_per_split
-    # Step i's words and parameters are loaded one step ahead (a register double buffer):
-    # Triton does not software-pipeline loads that feed plain arithmetic.
-    u = u_begin + rj
-    mask = mask_n[:, None] & (u < KU)[None, :]
-    wp = q_ptr + rn[:, None] * RW + (u * WPU)[None, :]
-    w0 = tl.load(wp, mask=mask, other=0)
-    if BITS == 3:
-        w1 = tl.load(wp + 1, mask=mask, other=0)
-        w2 = tl.load(wp + 2, mask=mask, other=0)
-    else:
-        w1 = w0
-        w2 = w0
-    P, Q = _params(s_ptr, z_ptr, rn, (u * CPU) // G, NG, mask, BITS, FMT, HAS_Z)
-    for i in range(0, units_per_split, J):
-        u = u_begin + i + rj
-        mask_u = u < KU
-        un = u + J
-        mask_nx = mask_n[:, None] & ((un < KU) & (i + J < units_per_split))[None, :]
-        wpn = q_ptr + rn[:, None] * RW + (un * WPU)[None, :]
-        n0 = tl.load(wpn, mask=mask_nx, other=0)
-        if BITS == 3:
-            n1 = tl.load(wpn + 1, mask=mask_nx, other=0)
-            n2 = tl.load(wpn + 2, mask=mask_nx, other=0)
-        else:
-            n1 = n0
-            n2 = n0
-        Pn, Qn = _params(s_ptr, z_ptr, rn, (un * CPU) // G, NG, mask_nx, BITS, FMT, HAS_Z)
-        t = tl.zeros((BN, J), dtype=tl.float32)
-        xsum = tl.zeros((J,), dtype=tl.float32)
-        for s in tl.static_range(CPU):
-            f = _decode(w0, w1, w2, book_ptr, s, BITS, FMT)
-            xs = tl.load(x_row + u * CPU + s, mask=mask_u, other=0.0).to(tl.float32)
-            t += f * xs[None, :]
-            if NEED_X:
-                xsum += xs
-        acc += P * t
-        if NEED_X:
-            acc += Q * xsum[None, :]
-        w0, w1, w2, P, Q = n0, n1, n2, Pn, Qn
-    y = tl.sum(acc, axis=1)
-    first = pid_k == 0
-    if HAS_CORR:
-        rr = tl.arange(0, RP)
-        mask_r = rr < R
-        xa = tl.load(xa_ptr + m * stride_xam + rr, mask=mask_r & first, other=0.0).to(tl.float32)
-        bt = tl.load(b_ptr + rn[:, None] * R + rr[None, :], mask=mask_n[:, None] & mask_r[None, :], other=0.0)
-        y += tl.sum(bt.to(tl.float32) * xa[None, :], axis=1)
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + rn, mask=mask_n & first, other=0.0).to(tl.float32)
-    if SPLIT_K == 1:
-        tl.store(y_ptr + m * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=mask_n)
-    else:
-        tl.atomic_add(y_ptr + m * stride_ym + rn, y, mask=mask_n, sem="relaxed")
 
 
 @triton.jit

@@ -1,0 +1,213 @@
+"""The small-M GEMV in Gluon (Triton with explicit layouts): y = x · deq(W)ᵀ (+ xa · Bᵀ + bias).
+
+Why Gluon: in plain Triton the compiler gave the weight tile, the x vector and the partial
+sums three different layouts and moved data between them through shared memory (with a
+barrier) eight times per K step; that, not DRAM, bounded the old GEMV. Here one 5-D layout
+(x rows, weight rows, thread columns, words, codes) holds everything a thread needs in its
+registers:
+
+  - RPT weight rows x V consecutive words of each (one 16-byte load per row for V = 4),
+  - the MR x rows' V·CPU matching values (contiguous: 16-byte loads, shared by the RPT rows),
+  - the codes of its words, decoded once in registers and used for all MR x rows.
+
+A thread's V words lie in one quantization group, so its partial sum T = Σ f(c)·x and
+X = Σ x take the group's P, Q once: acc += P·T + Q·X (w = f(c)·P + Q, as in triton_qmm).
+Threads along K are reduced once, after the loop. The next step's words and parameters are
+loaded before the current step is decoded (a register double buffer).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+
+
+@gluon.jit
+def _expand(t, a: gl.constexpr, b: gl.constexpr):
+    return gl.expand_dims(gl.expand_dims(t, a), b)
+
+
+@gluon.jit
+def _codes(w, sh, BITS: gl.constexpr):
+    """(.., 1) words and (.., CPU) code positions -> raw codes (2/4 bits: one word per unit;
+    3 bits: the unit's three words, codes 10 and 21 straddle them)."""
+    return (w >> (sh * BITS)) & ((1 << BITS) - 1)
+
+
+@gluon.jit
+def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, book_ptr, xa_ptr, b_ptr, bias_ptr, y_ptr,
+                 M, N, KU, RW, NG, R, stride_xm, stride_xam, stride_ym, ONE,
+                 G: gl.constexpr, BITS: gl.constexpr, FMT: gl.constexpr, HAS_Z: gl.constexpr,
+                 HAS_CORR: gl.constexpr, HAS_BIAS: gl.constexpr, MR: gl.constexpr, RPT: gl.constexpr,
+                 V: gl.constexpr, TJ: gl.constexpr, WR: gl.constexpr, WJ: gl.constexpr):  # fmt: skip
+    CPU: gl.constexpr = 32 if BITS == 3 else 32 // BITS  # codes per unit
+    WPU: gl.constexpr = 3 if BITS == 3 else 1  # words per unit
+    TR: gl.constexpr = 32 // TJ
+    BN: gl.constexpr = RPT * TR * WR
+    J: gl.constexpr = TJ * WJ
+    STEP: gl.constexpr = J * V  # units per K step
+    CS: gl.constexpr = 1 << BITS
+    # dims: (x rows, weight rows, thread columns, words, codes); a thread owns MR x rows,
+    # RPT weight rows, V words of each and all their codes
+    L5: gl.constexpr = gl.BlockedLayout([MR, RPT, 1, V, CPU], [1, TR, TJ, 1, 1], [1, WR, WJ, 1, 1], [4, 3, 2, 1, 0])
+    LC: gl.constexpr = gl.SliceLayout(0, L5)  # (BN, J, V, CPU) codes
+    LW: gl.constexpr = gl.SliceLayout(3, LC)  # (BN, J, V) words
+    LX: gl.constexpr = gl.SliceLayout(1, L5)  # (MR, J, V, CPU) x
+    LA: gl.constexpr = gl.SliceLayout(3, gl.SliceLayout(4, L5))  # (MR, BN, J) partial sums
+    LPN: gl.constexpr = gl.SliceLayout(0, LA)  # (BN, J) group parameters
+    LXS: gl.constexpr = gl.SliceLayout(1, LA)  # (MR, J) x sums
+    LY: gl.constexpr = gl.SliceLayout(2, LA)  # (MR, BN) outputs
+
+    m0 = gl.program_id(0) * MR
+    n0 = gl.program_id(1) * BN
+    # words (BN, J, V)
+    rn_w = _expand(gl.arange(0, BN, layout=gl.SliceLayout(1, gl.SliceLayout(2, LW))), 1, 2)
+    rj_w = _expand(gl.arange(0, J, layout=gl.SliceLayout(0, gl.SliceLayout(2, LW))), 0, 2)
+    rv_w = _expand(gl.arange(0, V, layout=gl.SliceLayout(0, gl.SliceLayout(1, LW))), 0, 1)
+    u_w = rj_w * V + rv_w
+    wrow = q_ptr + (n0 + rn_w) * RW
+    nmask_w = n0 + rn_w < N
+    # group parameters (BN, J): the group of each thread column's first unit
+    rn_p = gl.expand_dims(gl.arange(0, BN, layout=gl.SliceLayout(1, LPN)), 1)
+    rj_p = gl.expand_dims(gl.arange(0, J, layout=gl.SliceLayout(0, LPN)), 0)
+    prow = (n0 + rn_p) * NG
+    nmask_p = n0 + rn_p < N
+    # x (MR, J, V, CPU) and code positions (1, 1, 1, CPU)
+    LX3: gl.constexpr = gl.SliceLayout(3, LX)
+    rm_x = _expand(gl.expand_dims(gl.arange(0, MR, layout=gl.SliceLayout(1, gl.SliceLayout(2, LX3))), 1), 2, 3)
+    rj_x = _expand(gl.expand_dims(gl.arange(0, J, layout=gl.SliceLayout(0, gl.SliceLayout(2, LX3))), 0), 2, 3)
+    rv_x = _expand(gl.expand_dims(gl.arange(0, V, layout=gl.SliceLayout(0, gl.SliceLayout(1, LX3))), 0), 1, 3)
+    LXC: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, LX)))
+    rs_x = _expand(gl.expand_dims(gl.arange(0, CPU, layout=LXC), 0), 1, 2)
+    kx = (rj_x * V + rv_x) * CPU + rs_x
+    x_rows = x_ptr + (m0 + rm_x) * stride_xm
+    mmask_x = m0 + rm_x < M
+    LCC: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, LC)))
+    sh = _expand(gl.expand_dims(gl.arange(0, CPU, layout=LCC), 0), 1, 2)
+
+    acc = gl.zeros([MR, BN, J], gl.float32, layout=LA)
+    mask_w = nmask_w & (u_w < KU)
+    w0 = gl.load(wrow + u_w * WPU, mask=mask_w, other=0)
+    if BITS == 3:
+        w1 = gl.load(wrow + u_w * WPU + 1, mask=mask_w, other=0)
+        w2 = gl.load(wrow + u_w * WPU + 2, mask=mask_w, other=0)
+    mask_p = nmask_p & (rj_p * V < KU)
+    sc = gl.load(s_ptr + prow + (rj_p * V * CPU) // G, mask=mask_p, other=0.0)
+    if HAS_Z:
+        zz = gl.load(z_ptr + prow + (rj_p * V * CPU) // G, mask=mask_p, other=0.0)
+    for k0 in range(0, KU, STEP):
+        # the next step's words and parameters are loaded before this step is decoded
+        un = k0 + STEP + u_w
+        mask_wn = nmask_w & (un < KU)
+        nw0 = gl.load(wrow + un * WPU, mask=mask_wn, other=0)
+        if BITS == 3:
+            nw1 = gl.load(wrow + un * WPU + 1, mask=mask_wn, other=0)
+            nw2 = gl.load(wrow + un * WPU + 2, mask=mask_wn, other=0)
+        gn = ((k0 + STEP + rj_p * V) * CPU) // G
+        mask_pn = nmask_p & (k0 + STEP + rj_p * V < KU)
+        scn = gl.load(s_ptr + prow + gn, mask=mask_pn, other=0.0)
+        if HAS_Z:
+            zzn = gl.load(z_ptr + prow + gn, mask=mask_pn, other=0.0)
+        xk = k0 * CPU + kx
+        xv = gl.load(x_rows + xk, mask=mmask_x & (xk < KU * CPU), other=0.0).to(gl.float32)
+        if BITS == 3:
+            c = _codes3(gl.expand_dims(w0, 3), gl.expand_dims(w1, 3), gl.expand_dims(w2, 3), sh)
+        else:
+            c = _codes(gl.expand_dims(w0, 3), sh, BITS)
+        if FMT == 2:
+            f = gl.load(book_ptr + c)
+        else:  # 1 + c / 2^BITS: the code or-ed into the mantissa of 1.0 (ONE, kept in a register)
+            f = ((c << (23 - BITS)) | ONE).to(gl.float32, bitcast=True)
+        t = gl.sum(gl.sum(gl.expand_dims(f, 0) * gl.expand_dims(xv, 1), axis=4), axis=3)
+        P = gl.expand_dims(sc.to(gl.float32), 0)
+        if FMT == 2:
+            acc += P * t
+            if HAS_Z:
+                xs = gl.convert_layout(gl.sum(gl.sum(xv, axis=3), axis=2), LXS, assert_trivial=True)
+                acc += gl.expand_dims(zz.to(gl.float32), 0) * gl.expand_dims(xs, 1)
+        else:
+            P = P * CS
+            if FMT == 1:
+                Q = P * (-1.5)
+            else:
+                Q = gl.expand_dims(zz.to(gl.float32), 0) - P
+            xs = gl.convert_layout(gl.sum(gl.sum(xv, axis=3), axis=2), LXS, assert_trivial=True)
+            acc += P * t + Q * gl.expand_dims(xs, 1)
+        w0 = nw0
+        if BITS == 3:
+            w1 = nw1
+            w2 = nw2
+        sc = scn
+        if HAS_Z:
+            zz = zzn
+    y = gl.sum(acc, axis=2)
+    rm_y = gl.expand_dims(gl.arange(0, MR, layout=gl.SliceLayout(1, LY)), 1)
+    rn_y = gl.expand_dims(gl.arange(0, BN, layout=gl.SliceLayout(0, LY)), 0)
+    mask_y = (m0 + rm_y < M) & (n0 + rn_y < N)
+    if HAS_CORR:  # y += xa · B[rows]ᵀ, r along the thread columns
+        rm_c = gl.expand_dims(gl.arange(0, MR, layout=gl.SliceLayout(1, LXS)), 1)
+        rj_c = gl.expand_dims(gl.arange(0, J, layout=gl.SliceLayout(0, LXS)), 0)
+        for r0 in range(0, R, J):
+            bt = gl.load(b_ptr + (n0 + rn_p) * R + r0 + rj_p, mask=nmask_p & (r0 + rj_p < R), other=0.0)
+            xa = gl.load(xa_ptr + (m0 + rm_c) * stride_xam + r0 + rj_c, mask=(m0 + rm_c < M) & (r0 + rj_c < R),
+                         other=0.0)  # fmt: skip
+            y += gl.sum(gl.expand_dims(bt.to(gl.float32), 0) * gl.expand_dims(xa.to(gl.float32), 1), axis=2)
+    if HAS_BIAS:
+        y += gl.load(bias_ptr + n0 + rn_y, mask=n0 + rn_y < N, other=0.0).to(gl.float32)
+    gl.store(y_ptr + (m0 + rm_y) * stride_ym + n0 + rn_y, y.to(y_ptr.dtype.element_ty), mask=mask_y)
+
+
+@gluon.jit
+def _codes3(w0, w1, w2, s):
+    """3-bit codes s (0..31) of a 96-bit unit (w0 | w1 << 32 | w2 << 64); logical shifts."""
+    a = w0.to(gl.uint32, bitcast=True)
+    b1 = w1.to(gl.uint32, bitcast=True)
+    b2 = w2.to(gl.uint32, bitcast=True)
+    b = (s * 3).to(gl.uint32)
+    lo = gl.where(b < 32, a >> (b & 31), gl.where(b < 64, b1 >> (b & 31), b2 >> (b & 31)))
+    # codes 10 (bits 30-32) and 21 (bits 63-65) take their high bits from the next word
+    hi = gl.where(s == 10, b1 << 2, gl.where(s == 21, b2 << 1, 0))
+    return ((lo | hi) & 7).to(gl.int32, bitcast=True)
+
+
+def gemv_config(m: int, bits: int, k: int, group: int) -> dict:
+    """x rows per program, then the weight tile: rows per thread, words per thread (a thread's
+    words stay in one group), threads along K per warp, warps along rows and along K. The
+    best of the H100 sweeps in BENCHMARKS.md (11008 x 4096)."""
+    cpu = 32 if bits == 3 else 32 // bits
+    if m <= 2:
+        cfg = {"MR": m, "RPT": 2, "V": 2 if bits == 2 else 4, "TJ": 32, "WR": 2, "WJ": 2}
+    elif m <= 4:
+        cfg = {"MR": 4, "RPT": 2, "V": 2, "TJ": 32, "WR": 2, "WJ": 2}
+    else:
+        cfg = {"MR": 4, "RPT": 2, "V": 2, "TJ": 16, "WR": 4, "WJ": 1}
+    if bits == 3:
+        cfg["V"] = 1
+    while cfg["V"] > 1 and group != k and group % (cfg["V"] * cpu):
+        cfg["V"] //= 2
+    return cfg
+
+
+def gemv(x2, qweight, scales, offsets, book, xa, B, bias, bits: int, fmt: int, n: int, k: int, group: int,
+         cfg: dict) -> torch.Tensor:  # fmt: skip
+    """Launch: x2 (M x k) contiguous; xa = x · Aᵀ (M x r) and B (n x r) in x's dtype."""
+    m = x2.shape[0]
+    cpu = 32 if bits == 3 else 32 // bits
+    bn = cfg["RPT"] * (32 // cfg["TJ"]) * cfg["WR"]
+    y = x2.new_empty(m, n)
+    r = B.shape[1] if B is not None else 0
+    _gemv_kernel[(triton.cdiv(m, cfg["MR"]), triton.cdiv(n, bn))](
+        x2, qweight.view(torch.int32), scales, offsets if offsets is not None else scales,
+        book if book is not None else scales, xa if xa is not None else x2, B if B is not None else x2,
+        bias if bias is not None else x2, y, m, n, k // cpu, k * bits // 32, scales.shape[1], r, x2.stride(0),
+        xa.stride(0) if xa is not None else 0, y.stride(0), _ONE, G=group, BITS=bits, FMT=fmt,
+        HAS_Z=offsets is not None, HAS_CORR=B is not None, HAS_BIAS=bias is not None,
+        num_warps=cfg["WR"] * cfg["WJ"], **cfg)  # fmt: skip
+    return y
+
+
+# The bits of 1.0f, passed as an argument so that it stays in a register: one LOP3 then does
+# (bits & mask) | ONE, where two immediates would take two.
+_ONE = 0x3F800000
