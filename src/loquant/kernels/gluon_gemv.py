@@ -31,8 +31,8 @@ def _expand(t, a: gl.constexpr, b: gl.constexpr):
 
 @gluon.jit
 def _codes(w, sh, BITS: gl.constexpr):
-    """(.., 1) words and (.., CPU) code positions -> raw codes (2/4 bits: one word per unit;
-    3 bits: the unit's three words, codes 10 and 21 straddle them)."""
+    """(.., 1) words and (.., CPU) code positions -> raw 2- or 4-bit codes (one word per unit;
+    3 bits: _codes3)."""
     return (w >> (sh * BITS)) & ((1 << BITS) - 1)
 
 
