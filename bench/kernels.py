@@ -183,14 +183,14 @@ def section_target(args):
 def section_paths(args):
     out_f, in_f = 11008, 4096
     print("\n### Paths compared (INT4 g128 and NF4 g64, 11008 × 4096), µs\n")
-    print("| format | M | bf16 | GEMV (CUDA cores) | fused GEMM (tensor cores) | dequantize + cuBLAS |")
-    print("|---|---|---|---|---|---|")
+    print("| format | M | bf16 | GEMV (CUDA cores) | mma.sync (Gluon) | fused GEMM (Triton) | dequantize + cuBLAS |")
+    print("|---|---|---|---|---|---|---|")
     for name in ("INT4 g128", "NF4 g64"):
-        for m in args.ms:
+        for m in sorted({2, 3, 8, *args.ms}):
             bf, _ = bench_bf16(out_f, in_f, m)
             cells = []
-            for path in (ops.GEMV, ops.GEMM, ops.DEQUANT):
-                if path == ops.GEMV and m > 16 or path == ops.GEMM and m == 1:
+            for path in (ops.GEMV, ops.MMA, ops.GEMM, ops.DEQUANT):
+                if path == ops.GEMV and m > 16 or path == ops.MMA and m > 512 or path == ops.GEMM and m == 1:
                     cells.append("-")
                     continue
                 us, _ = bench_loquant(out_f, in_f, FORMATS[name], m, path=path)

@@ -73,7 +73,7 @@ def test_every_format_and_m(fmt):
         check(q, m, torch.bfloat16)
 
 
-@pytest.mark.parametrize("path", [ops.GEMV, ops.GEMM, ops.DEQUANT])
+@pytest.mark.parametrize("path", [ops.GEMV, ops.MMA, ops.GEMM, ops.DEQUANT])
 @pytest.mark.parametrize("rank,bias", [(0, False), (64, True), (5, False)])
 @pytest.mark.parametrize("fmt", [WeightFormat("int", 4, 128), WeightFormat("nf", 4, 64), WeightFormat("int-sym", 3, 32),
                                  WeightFormat("int", 2, 64)], ids=lambda f: f.describe().replace(" ", "-"))  # fmt: skip
@@ -83,8 +83,11 @@ def test_paths_correction_bias(fmt, rank, bias, path):
         check(q, m, torch.bfloat16, path=path)
 
 
-@pytest.mark.parametrize("path", [ops.GEMV, ops.GEMM, ops.DEQUANT])
-@pytest.mark.parametrize("fmt", [WeightFormat("int", 4, 128), WeightFormat("nf", 3, 64)],
+F16 = [WeightFormat("int", 4, 128), WeightFormat("nf", 3, 64), WeightFormat("int-sym", 2, 128)]
+
+
+@pytest.mark.parametrize("path", [ops.GEMV, ops.MMA, ops.GEMM, ops.DEQUANT])
+@pytest.mark.parametrize("fmt", F16,
                          ids=lambda f: f.describe().replace(" ", "-"))  # fmt: skip
 def test_float16(fmt, path):
     q = layer(fmt, 328, 1024, rank=16, bias=True, seed=5)
@@ -101,16 +104,34 @@ def test_odd_and_real_shapes(n, k, m):
 
 def test_split_k_and_configs():
     q = layer(WeightFormat("int", 4, 64), 96, 4096, rank=8, bias=True, seed=1)
-    variants = (({"MR": 2, "RPT": 1, "V": 2, "TJ": 8, "WR": 4, "WJ": 1}, {"SPLIT_K": 3, "J": 16}),
-                ({"MR": 8, "RPT": 4, "V": 1, "TJ": 16, "WR": 1, "WJ": 2}, {"BM": 64, "BN": 64}))  # fmt: skip
-    for gemv, gemm in variants:
-        ops.OVERRIDE.update(gemv=gemv, gemm=gemm)
+    variants = (({"MR": 2, "RPT": 1, "V": 2, "TJ": 8, "WR": 4, "WJ": 1}, {"SPLIT_K": 3, "J": 16},
+                 {"BM": 32, "BK": 256, "WN": 2, "RN": 1, "SPLIT": 3, "XPRE": False}),
+                ({"MR": 8, "RPT": 4, "V": 1, "TJ": 16, "WR": 1, "WJ": 2}, {"BM": 64, "BN": 64},
+                 {"BM": 64, "BK": 128, "WN": 4, "RN": 4, "SPLIT": 1, "XPRE": True}))  # fmt: skip
+    for gemv, gemm, mma in variants:
+        ops.OVERRIDE.update(gemv=gemv, gemm=gemm, mma=mma)
         try:
             check(q, 1, torch.bfloat16, path=ops.GEMV)
             check(q, 5, torch.float16, path=ops.GEMV)
             check(q, 20, torch.bfloat16, path=ops.GEMM)
+            check(q, 40, torch.bfloat16, path=ops.MMA)
+            check(q, 70, torch.float16, path=ops.MMA)
         finally:
             ops.OVERRIDE.clear()
+
+
+def test_path_choice():
+    """The mma kernel takes 3 <= M <= 64 where K is whole 128-code steps, nf included; other
+    shapes fall back to the GEMV (M <= 8), the fused GEMM (int) or dequantize + cuBLAS."""
+    assert ops.pick_path(1, 0, 4, 4096, 128) == ops.GEMV
+    assert ops.pick_path(3, 0, 4, 4096, 128) == ops.MMA
+    assert ops.pick_path(16, 2, 4, 4096, 64) == ops.MMA
+    assert ops.pick_path(64, 0, 3, 4096, 32) == ops.MMA
+    assert ops.pick_path(4, 2, 4, 4128, 32) == ops.GEMV
+    assert ops.pick_path(16, 0, 4, 4128, 32) == ops.GEMM
+    assert ops.pick_path(16, 2, 4, 4128, 32) == ops.DEQUANT
+    assert ops.pick_path(16, 0, 4, 4096, 16 * 3) == ops.GEMM  # a thread's 32 codes would straddle groups
+    assert ops.pick_path(65, 0, 4, 4096, 128) == ops.DEQUANT
 
 
 def test_batched_input_and_cache_invalidation():
@@ -140,10 +161,12 @@ def test_training_keeps_reference_path_and_torch_compile():
     assert torch.allclose(eager.float(), compiled.float(), rtol=1e-2, atol=1e-2)
 
 
-def test_gemv_in_a_cuda_graph():
-    """Decode servers replay captured graphs: the GEMV with a correction, bias and M = 1."""
+@pytest.mark.parametrize("m", [1, 16])
+def test_in_a_cuda_graph(m):
+    """Decode servers replay captured graphs: the GEMV (M = 1) and the split-K mma kernel
+    (M = 16, its per-tile tickets must work on every replay) with a correction and bias."""
     q = layer(WeightFormat("int", 4, 128), 4100, 4096, rank=64, bias=True, seed=7)
-    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         q(x)  # builds the kernel state outside the capture
         graph = torch.cuda.CUDAGraph()

@@ -11,18 +11,20 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from loquant.kernels import gluon_gemv
+from loquant.kernels import gluon_gemv, gluon_mma
 from loquant.kernels.triton_qmm import _dequant_kernel, _gemm_kernel
 
-GEMV, GEMM, DEQUANT = 1, 2, 3
+GEMV, GEMM, DEQUANT, MMA = 1, 2, 3, 4
 # Path by M, from the H100 measurements in BENCHMARKS.md (11008 x 4096): the Gluon GEMV up
-# to GEMV_MAX_M rows (it beat both other paths there, for every format); the fused
-# tensor-core kernel for int / int-sym up to GEMM_MAX_M (it beat dequantize + cuBLAS there;
-# for nf its code-book gathers made it slower at every M); above, the weight is dequantized
-# into a temporary 16-bit matrix and multiplied by cuBLAS.
-GEMV_MAX_M = 8
+# to GEMV_MAX_M rows; the Gluon mma.sync kernel up to MMA_MAX_M (where K is whole 128-code
+# steps; it beat the GEMV from M = 3 and dequantize + cuBLAS up to M = 64); the plain-Triton
+# fused tensor-core kernel for int / int-sym up to GEMM_MAX_M where the mma kernel cannot
+# run; above, the weight is dequantized into a temporary 16-bit matrix that cuBLAS multiplies.
+GEMV_MAX_M = 2
+MMA_MAX_M = 64
+GEMV_FALLBACK_M = 8  # where the mma kernel cannot run, the GEMV still beat the fused GEMM to M = 8
 GEMM_MAX_M = 16
-# For tests and the benchmark: {"gemv": gluon_gemv config keys, "gemm": {...}}.
+# For tests and the benchmark: {"gemv": gluon_gemv config keys, "mma": {...}, "gemm": {...}}.
 OVERRIDE: dict[str, dict] = {}
 
 
@@ -94,6 +96,12 @@ def _run_gemm(x2, qweight, scales, offsets, book, xa, B, bias, bits, fmt, n, k, 
     return y if split == 1 else y.to(x2.dtype)
 
 
+def _run_mma(x2, qweight, scales, offsets, book, xa, B, bias, bits, fmt, n, k, group):
+    cfg = gluon_mma.mma_config(x2.shape[0], bits, n, k, group) | OVERRIDE.get("mma", {})
+    sms = _num_sms(x2.device.index or 0)
+    return gluon_mma.mma(x2, qweight, scales, offsets, book, xa, B, bias, bits, fmt, n, k, group, cfg, sms)
+
+
 def dequantize(qweight, scales, offsets, book, bits: int, fmt: int, n: int, k: int, group: int, dtype):
     """deq(W) (n x k) in dtype, written by one Triton kernel."""
     q, z, bk, ku, rw, has_z = _common(None, qweight, scales, offsets, book, bits, fmt, k)
@@ -105,8 +113,12 @@ def dequantize(qweight, scales, offsets, book, bits: int, fmt: int, n: int, k: i
     return w
 
 
-def pick_path(m: int, fmt: int) -> int:
+def pick_path(m: int, fmt: int, bits: int, k: int, group: int) -> int:
     if m <= GEMV_MAX_M:
+        return GEMV
+    if m <= MMA_MAX_M and gluon_mma.fits(bits, k, group):
+        return MMA
+    if m <= GEMV_FALLBACK_M:
         return GEMV
     return GEMM if m <= GEMM_MAX_M and fmt != 2 else DEQUANT
 
@@ -132,14 +144,16 @@ def qmm(
 
     qweight: loquant's packed uint8 codes; scales / offsets (icq shifts for nf): (n x groups)
     fp16 or fp32; book: the nf code book (fp32); xa = x · Aᵀ (M x r) and B (n x r) in x's
-    dtype; path 0 picks GEMV / fused GEMM / dequantize+cuBLAS from M.
+    dtype; path 0 picks GEMV / mma / fused GEMM / dequantize+cuBLAS from M and the shape.
     """
-    path = path or pick_path(x.shape[0], fmt)
+    path = path or pick_path(x.shape[0], fmt, bits, k, group)
     args = (x, qweight, scales, offsets, book, xa, B, bias, bits, fmt, n, k, group)
     if path == GEMV:
         return _run_gemv(*args)
     if path == GEMM:
         return _run_gemm(*args)
+    if path == MMA:
+        return _run_mma(*args)
     w = dequantize(qweight, scales, offsets, book, bits, fmt, n, k, group, x.dtype)
     y = F.linear(x, w, bias)
     if B is not None:
