@@ -37,6 +37,20 @@ def _codes(w, sh, BITS: gl.constexpr):
 
 
 @gluon.jit
+def _values(w0, w1, w2, sh, book_ptr, ONE, BITS: gl.constexpr, FMT: gl.constexpr):
+    """(.., units) words (w1, w2: the 3-bit unit's next words) and (.., CPU) code positions ->
+    f(code) in fp32: book[code] for nf, else 1 + code / 2^BITS (the code or-ed into the
+    mantissa of 1.0; ONE, its bits, kept in a register)."""
+    if BITS == 3:
+        c = _codes3(gl.expand_dims(w0, 3), gl.expand_dims(w1, 3), gl.expand_dims(w2, 3), sh)
+    else:
+        c = _codes(gl.expand_dims(w0, 3), sh, BITS)
+    if FMT == 2:
+        return gl.load(book_ptr + c)
+    return ((c << (23 - BITS)) | ONE).to(gl.float32, bitcast=True)
+
+
+@gluon.jit
 def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, book_ptr, xa_ptr, b_ptr, bias_ptr, y_ptr,
                  M, N, KU, RW, NG, R, stride_xm, stride_xam, stride_ym, ONE,
                  G: gl.constexpr, BITS: gl.constexpr, FMT: gl.constexpr, HAS_Z: gl.constexpr,
@@ -113,13 +127,9 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, book_ptr, xa_ptr, b_ptr, bias_ptr, 
         xk = k0 * CPU + kx
         xv = gl.load(x_rows + xk, mask=mmask_x & (xk < KU * CPU), other=0.0).to(gl.float32)
         if BITS == 3:
-            c = _codes3(gl.expand_dims(w0, 3), gl.expand_dims(w1, 3), gl.expand_dims(w2, 3), sh)
+            f = _values(w0, w1, w2, sh, book_ptr, ONE, BITS, FMT)
         else:
-            c = _codes(gl.expand_dims(w0, 3), sh, BITS)
-        if FMT == 2:
-            f = gl.load(book_ptr + c)
-        else:  # 1 + c / 2^BITS: the code or-ed into the mantissa of 1.0 (ONE, kept in a register)
-            f = ((c << (23 - BITS)) | ONE).to(gl.float32, bitcast=True)
+            f = _values(w0, w0, w0, sh, book_ptr, ONE, BITS, FMT)
         t = gl.sum(gl.sum(gl.expand_dims(f, 0) * gl.expand_dims(xv, 1), axis=4), axis=3)
         P = gl.expand_dims(sc.to(gl.float32), 0)
         if FMT == 2:

@@ -31,7 +31,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-from loquant.kernels.gluon_gemv import _ONE, _codes, _codes3, _expand
+from loquant.kernels.gluon_gemv import _ONE, _expand, _values
 
 
 def _log2(v: int) -> int:
@@ -154,14 +154,7 @@ def _step(acc, w0, w1, w2, sc, zz, xv, xrow, kx, k, sh, book_ptr, ONE, NEG, BITS
                                       gl.join(q2, q2), gl.join(one, one), gl.join(neg, neg)],
                                       dtype=x_ptr.dtype.element_ty, is_pure=True, pack=2)  # fmt: skip
     else:
-        if BITS == 3:
-            c = _codes3(gl.expand_dims(w0, 3), gl.expand_dims(w1, 3), gl.expand_dims(w2, 3), sh)
-        else:
-            c = _codes(gl.expand_dims(w0, 3), sh, BITS)
-        if FMT == 2:
-            f = gl.load(book_ptr + c)
-        else:  # 1 + c / 2^BITS: the code or-ed into the mantissa of 1.0
-            f = ((c << (23 - BITS)) | ONE).to(gl.float32, bitcast=True)
+        f = _values(w0, w1, w2, sh, book_ptr, ONE, BITS, FMT)
         P = sc.to(gl.float32)
         if FMT == 2:
             if HAS_Z:
