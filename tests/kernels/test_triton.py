@@ -120,6 +120,21 @@ def test_split_k_and_configs():
             ops.OVERRIDE.clear()
 
 
+@pytest.mark.parametrize("path", [ops.GEMV, ops.MMA])
+def test_unaligned_input_view(path):
+    """x as a view starting 2 bytes into its storage: the mma kernel reads x as int32 words."""
+    q = layer(WeightFormat("int", 4, 128), 200, 512, rank=4, bias=True, seed=11)
+    x = torch.randn(16 * 512 + 1, device="cuda", dtype=torch.bfloat16)[1:].view(16, 512)
+    assert x.data_ptr() % 4 == 2
+    from loquant.kernels import qlinear
+
+    with torch.no_grad():
+        state, A, B, bias = q._kernel_state(torch.bfloat16)
+        y = qlinear(x, state, A, B, bias, path=path)
+    ref = reference(q, x)
+    assert ((y.float() - ref).norm() / ref.norm()).item() < 1e-2
+
+
 def test_path_choice():
     """The mma kernel takes 3 <= M <= 64 where K is whole 128-code steps, nf included; other
     shapes fall back to the GEMV (M <= 8), the fused GEMM (int) or dequantize + cuBLAS."""

@@ -300,6 +300,8 @@ def mma(x2, qweight, scales, offsets, book, xa, B, bias, bits: int, fmt: int, n:
         cfg: dict, sms: int) -> torch.Tensor:  # fmt: skip
     """Launch: x2 (M x k) contiguous; xa = x · Aᵀ (M x r) and B (n x r) in x's dtype."""
     _check(cfg, bits, k, group)
+    if x2.data_ptr() % 16:  # x is read as aligned int32 words (a view can start anywhere)
+        x2 = x2.clone()
     m = x2.shape[0]
     bm, bk, wn, rn = cfg["BM"], cfg["BK"], cfg["WN"], cfg["RN"]
     bn = 16 * wn * rn
