@@ -30,9 +30,9 @@ def one_json_line(out: str) -> dict:
     return data
 
 
-@contextlib.contextmanager
-def interrupted_at(step: int):
-    """`loquant.finetune.run` inside this block stops with KeyboardInterrupt at `step`, as a killed run would."""
+def crash_at(step: int):
+    """Make `loquant.finetune` raise KeyboardInterrupt when it reaches `step`, as a killed run
+    would; returns the real `batch_at` (to restore)."""
     import loquant.finetune as ft
 
     real = ft.batch_at
@@ -43,6 +43,15 @@ def interrupted_at(step: int):
         return real(ids, at, config)
 
     ft.batch_at = crash
+    return real
+
+
+@contextlib.contextmanager
+def interrupted_at(step: int):
+    """`loquant.finetune.run` inside this block stops with KeyboardInterrupt at `step`."""
+    import loquant.finetune as ft
+
+    real = crash_at(step)
     try:
         with pytest.raises(KeyboardInterrupt):
             yield

@@ -13,8 +13,9 @@ import sys
 
 import transformers
 
-import loquant.finetune as ft
 from loquant.cli import main
+
+from cli_helpers import crash_at  # tests/ is sys.path[0]: this file runs as a script
 
 RANK = int(os.environ.get("RANK", "0"))
 record = os.path.join(os.environ["LOQUANT_TEST_SPY"], f"rank{RANK}.jsonl")
@@ -30,17 +31,8 @@ def forward(self, *args, **kwargs):
 
 transformers.LlamaForCausalLM.forward = forward
 
-stop = int(os.environ.get("LOQUANT_TEST_STOP_AT", "-1"))
-real_batch_at = ft.batch_at
-
-
-def batch_at(ids, step, config):
-    if step == stop:
-        raise KeyboardInterrupt
-    return real_batch_at(ids, step, config)
-
-
-ft.batch_at = batch_at
+if "LOQUANT_TEST_STOP_AT" in os.environ:
+    crash_at(int(os.environ["LOQUANT_TEST_STOP_AT"]))
 
 if RANK != 0:
     guarded = os.path.abspath(os.environ["LOQUANT_TEST_GUARD"])

@@ -135,6 +135,34 @@ def test_unaligned_input_view(path):
     assert ((y.float() - ref).norm() / ref.norm()).item() < 1e-2
 
 
+ZERO_RANGE = [WeightFormat("int", 4, 128), WeightFormat("int-sym", 4, 128), WeightFormat("nf", 4, 64),
+              WeightFormat("int", 2, 64)]  # fmt: skip
+
+
+@pytest.mark.parametrize("fmt", ZERO_RANGE, ids=lambda f: f.describe().replace(" ", "-"))
+def test_mma_zero_range_groups(fmt):
+    """Constant rows: all-zero ones are stored with scale 0 in every format, constant 0.7 ones
+    with scale 0 in int (the asymmetric decode divides the offset by the scale to split off its
+    integer zero point)."""
+    torch.manual_seed(4)
+    w = torch.randn(96, 512, device="cuda") * 0.05
+    w[:8] = 0.7
+    w[8:16] = 0.0
+    q = QuantLinear.from_weight(w, None, fmt).eval()
+    assert (q.scales[8:16] == 0).all() and (fmt.format != "int" or (q.scales[:8] == 0).all())
+    check(q, 16, torch.bfloat16, path=ops.MMA)
+
+
+def test_mma_config_that_does_not_fit():
+    q = layer(WeightFormat("int", 4, 32), 64, 512, rank=0, bias=False, seed=6)
+    ops.OVERRIDE["mma"] = {"BK": 256}  # a thread's 64 codes would straddle groups of 32
+    try:
+        with pytest.raises(ValueError, match="whole units inside one group of 32"):
+            check(q, 16, torch.bfloat16, path=ops.MMA)
+    finally:
+        ops.OVERRIDE.clear()
+
+
 def test_path_choice():
     """The mma kernel takes 3 <= M <= 64 where K is whole 128-code steps, nf included; other
     shapes fall back to the GEMV (M <= 8), the fused GEMM (int) or dequantize + cuBLAS."""

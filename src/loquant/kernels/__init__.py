@@ -30,6 +30,15 @@ def kernel_reason(fmt: WeightFormat, out_features: int, in_features: int) -> str
     return None
 
 
+def split_k(programs: int, steps: int, sms: int, per_sm: int, min_steps: int) -> int:
+    """How many parts to split K into (a power of two): until about per_sm programs run per SM,
+    as long as each part keeps at least min_steps K steps."""
+    split = 1
+    while programs * split < per_sm * sms and steps // (2 * split) >= min_steps:
+        split *= 2
+    return split
+
+
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 

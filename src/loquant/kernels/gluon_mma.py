@@ -31,6 +31,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
+from loquant.kernels import split_k
 from loquant.kernels.gluon_gemv import _ONE, _expand, _values
 
 
@@ -306,11 +307,7 @@ def mma(x2, qweight, scales, offsets, book, xa, B, bias, bits: int, fmt: int, n:
     bm, bk, wn, rn = cfg["BM"], cfg["BK"], cfg["WN"], cfg["RN"]
     bn = 16 * wn * rn
     tiles = triton.cdiv(n, bn) * triton.cdiv(m, bm)
-    split = cfg.get("SPLIT") or 0
-    if not split:  # about 4 CTAs per SM, at least 8 steps each
-        split = 1
-        while tiles * split < 4 * sms and k // (2 * split) >= 8 * bk:
-            split *= 2
+    split = cfg.get("SPLIT") or split_k(tiles, k // bk, sms, 4, 8)  # about 4 CTAs per SM, 8+ steps each
     k_split = triton.cdiv(triton.cdiv(k, split), bk) * bk
     split = triton.cdiv(k, k_split)
     y = x2.new_empty(m, n)

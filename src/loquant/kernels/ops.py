@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from loquant.kernels import gluon_gemv, gluon_mma
+from loquant.kernels import gluon_gemv, gluon_mma, split_k
 from loquant.kernels.triton_qmm import _dequant_kernel, _gemm_kernel
 
 GEMV, GEMM, DEQUANT, MMA = 1, 2, 3, 4
@@ -37,14 +37,6 @@ def _units(bits: int, k: int) -> tuple[int, int, int]:
     """(codes per unit, units per row, int32 words per row)."""
     cpu = 32 if bits == 3 else 32 // bits
     return cpu, k // cpu, k * bits // 32
-
-
-def _split(programs: int, units: int, j: int, sms: int) -> int:
-    """Split K so that about 2 programs per SM run, keeping at least 4 steps per split."""
-    split = 1
-    while programs * split < 2 * sms and units // (2 * split) >= 4 * j:
-        split *= 2
-    return split
 
 
 def gemm_config(m: int, bits: int, n: int, k: int) -> dict:
@@ -82,7 +74,8 @@ def _run_gemm(x2, qweight, scales, offsets, book, xa, B, bias, bits, fmt, n, k, 
     cfg = dict(gemm_config(m, bits, n, k))
     bm, bn, j = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("J")
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-    split = cfg.pop("SPLIT_K", None) or _split(tiles, ku, j, _num_sms(x2.device.index or 0))
+    # about 2 programs per SM, at least 4 steps of J units per split
+    split = cfg.pop("SPLIT_K", None) or split_k(tiles, ku // j, _num_sms(x2.device.index or 0), 2, 4)
     per_split = triton.cdiv(triton.cdiv(ku, split), j) * j
     split = triton.cdiv(ku, per_split)
     y = torch.zeros(m, n, device=x2.device, dtype=torch.float32) if split > 1 else x2.new_empty(m, n)
@@ -98,8 +91,8 @@ def _run_gemm(x2, qweight, scales, offsets, book, xa, B, bias, bits, fmt, n, k, 
 
 def _run_mma(x2, qweight, scales, offsets, book, xa, B, bias, bits, fmt, n, k, group):
     cfg = gluon_mma.mma_config(x2.shape[0], bits, n, k, group) | OVERRIDE.get("mma", {})
-    sms = _num_sms(x2.device.index or 0)
-    return gluon_mma.mma(x2, qweight, scales, offsets, book, xa, B, bias, bits, fmt, n, k, group, cfg, sms)
+    return gluon_mma.mma(x2, qweight, scales, offsets, book, xa, B, bias, bits, fmt, n, k, group, cfg,
+                         _num_sms(x2.device.index or 0))  # fmt: skip
 
 
 def dequantize(qweight, scales, offsets, book, bits: int, fmt: int, n: int, k: int, group: int, dtype):
