@@ -8,7 +8,7 @@ the 50 MB L2. Inputs are random normal (never zeros). GB/s counts the bytes each
 move: packed weight and its parameters (and correction), x, y.
 
     python bench/kernels.py                     # everything (tables in markdown)
-    python bench/kernels.py --sections target   # target, paths, shapes, block, configs
+    python bench/kernels.py --sections target   # target, correction, paths, shapes, block, configs
 """
 
 from __future__ import annotations
@@ -180,6 +180,34 @@ def section_target(args):
                 print(f"\nrank-64 correction on {name}, M = 1: +{100 * extra:.1f} % time")
 
 
+def section_correction(args):
+    """The rank-64 correction's cost, three ways of getting xa = x·Aᵀ to the epilogue: the
+    default (loquant's x·Aᵀ kernel, the main kernel a programmatic dependent launch after it),
+    the same two kernels launched plainly one after the other, and xa from cuBLAS first."""
+    from loquant.kernels import lowrank
+
+    out_f, in_f = 11008, 4096
+    print(f"\n### Rank-64 correction on {out_f} × {in_f}, µs (added time against no correction)\n")
+    print("| format | M | no correction | r64, x·Aᵀ kernel + PDL (default) | r64, x·Aᵀ kernel, no PDL | "
+          "r64, x·Aᵀ by cuBLAS first |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    pdl_xa, supported = lowrank.xa, lowrank.pdl_supported
+    cublas = lambda x2, A: (F.linear(x2, A), False)  # noqa: E731
+    variants = ((pdl_xa, supported), (pdl_xa, lambda device: False), (cublas, supported))
+    for name in ("INT4 g128", "NF4 g64"):
+        for m in [m for m in args.ms if m <= ops.MMA_MAX_M]:
+            base, _ = bench_loquant(out_f, in_f, FORMATS[name], m)
+            cells = []
+            for xa, pdl in variants:
+                lowrank.xa, lowrank.pdl_supported = xa, pdl
+                try:
+                    us, _ = bench_loquant(out_f, in_f, FORMATS[name], m, rank=64)
+                finally:
+                    lowrank.xa, lowrank.pdl_supported = pdl_xa, supported
+                cells.append(f"{us:.1f} (+{100 * (us / base - 1):.0f} %)")
+            print(f"| {name} | {m} | {base:.1f} | " + " | ".join(cells) + " |", flush=True)
+
+
 def section_paths(args):
     out_f, in_f = 11008, 4096
     print("\n### Paths compared (INT4 g128 and NF4 g64, 11008 × 4096), µs\n")
@@ -284,7 +312,7 @@ def section_block(args):
 def main():
     global COPY_BW
     p = argparse.ArgumentParser()
-    p.add_argument("--sections", default="target,paths,shapes,block")
+    p.add_argument("--sections", default="target,correction,paths,shapes,block")
     p.add_argument("--ms", default=",".join(map(str, MS)))
     p.add_argument("--slow-baselines", action="store_true", help="also time tinygemm at M = 4096 (slow)")
     args = p.parse_args()

@@ -204,10 +204,57 @@ def test_training_keeps_reference_path_and_torch_compile():
     assert torch.allclose(eager.float(), compiled.float(), rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("m,k", [(1, 96), (5, 4128), (33, 1024), (64, 11008)])
+def test_xa_kernel(m, k):
+    from loquant.kernels import lowrank
+
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    A = torch.randn(12, k, device="cuda", dtype=torch.bfloat16)
+    poison()
+    xa, _ = lowrank.xa(x, A)
+    torch.cuda.synchronize()
+    ref = x.float() @ A.float().T
+    assert ((xa.float() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("path,m", [(ops.GEMV, 1), (ops.MMA, 16)])
+def test_epilogue_waits_for_xa(path, m, monkeypatch):
+    """x·Aᵀ is the primary of a programmatic dependent launch: captured in a CUDA graph, the
+    main kernel starts while it runs. Made slow here (16 columns of K per step), it finishes
+    long after the first weight tiles; an epilogue that did not wait (griddepcontrol.wait)
+    would read the NaN-filled xa."""
+    from loquant.kernels import lowrank, qlinear
+
+    if not lowrank.pdl_supported(torch.cuda.current_device()):
+        pytest.skip("programmatic dependent launch needs sm_90")
+
+    def slow_xa(x2, A):
+        out = torch.full((x2.shape[0], A.shape[0]), float("nan"), device="cuda", dtype=x2.dtype)
+        lowrank._xa_kernel[(A.shape[0], x2.shape[0])](x2, A, out, x2.shape[0], x2.shape[1], x2.stride(0),
+                                                       A.stride(0), out.stride(0), MB=1, BK=16, PDL=True)  # fmt: skip
+        return out, True
+
+    monkeypatch.setattr(lowrank, "xa", slow_xa)
+    q = layer(WeightFormat("int", 4, 128), 4100, 4096, rank=64, bias=False, seed=12)
+    x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        state, A, B, bias = q._kernel_state(torch.bfloat16)
+        qlinear(x, state, A, B, bias, path=path)  # compiles outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = qlinear(x, state, A, B, bias, path=path)
+        graph.replay()
+        torch.cuda.synchronize()
+    assert torch.isfinite(y).all(), "the epilogue read xa before x·Aᵀ had written it"
+    ref = reference(q, x)
+    assert ((y.float() - ref).norm() / ref.norm()).item() < 1e-2
+
+
 @pytest.mark.parametrize("m", [1, 16])
 def test_in_a_cuda_graph(m):
     """Decode servers replay captured graphs: the GEMV (M = 1) and the split-K mma kernel
-    (M = 16, its per-tile tickets must work on every replay) with a correction and bias."""
+    (M = 16, its per-tile tickets must work on every replay) with a correction and bias.
+    x·Aᵀ and the main kernel run back to back here, as a programmatic dependent launch."""
     q = layer(WeightFormat("int", 4, 128), 4100, 4096, rank=64, bias=True, seed=7)
     x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():

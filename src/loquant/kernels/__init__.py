@@ -80,8 +80,7 @@ def qlinear(
     x2 = x.reshape(-1, shape[-1])
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    xa = None if A is None else torch.nn.functional.linear(x2, A)
     p = prepared
-    y = torch.ops.loquant.qmm(x2, p["qweight"], p["scales"], p["offsets"], p["book"], xa, B, bias, p["bits"],
+    y = torch.ops.loquant.qmm(x2, p["qweight"], p["scales"], p["offsets"], p["book"], A, B, bias, p["bits"],
                               p["fmt"], p["n"], p["k"], p["group"], path)  # fmt: skip
     return y.reshape(*shape[:-1], p["n"])

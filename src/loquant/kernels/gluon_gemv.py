@@ -23,6 +23,9 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
+from loquant.kernels import lowrank
+from loquant.kernels.lowrank import wait_primary
+
 
 @gluon.jit
 def _expand(t, a: gl.constexpr, b: gl.constexpr):
@@ -55,7 +58,7 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, book_ptr, xa_ptr, b_ptr, bias_ptr, 
                  M, N, KU, RW, NG, R, stride_xm, stride_xam, stride_ym, ONE,
                  G: gl.constexpr, BITS: gl.constexpr, FMT: gl.constexpr, HAS_Z: gl.constexpr,
                  HAS_CORR: gl.constexpr, HAS_BIAS: gl.constexpr, MR: gl.constexpr, RPT: gl.constexpr,
-                 V: gl.constexpr, TJ: gl.constexpr, WR: gl.constexpr, WJ: gl.constexpr):  # fmt: skip
+                 V: gl.constexpr, TJ: gl.constexpr, WR: gl.constexpr, WJ: gl.constexpr, PDL: gl.constexpr):  # fmt: skip
     CPU: gl.constexpr = 32 if BITS == 3 else 32 // BITS  # codes per unit
     WPU: gl.constexpr = 3 if BITS == 3 else 1  # words per unit
     TR: gl.constexpr = 32 // TJ
@@ -111,6 +114,8 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, book_ptr, xa_ptr, b_ptr, bias_ptr, 
     sc = gl.load(s_ptr + prow + (rj_p * V * CPU) // G, mask=mask_p, other=0.0)
     if HAS_Z:
         zz = gl.load(z_ptr + prow + (rj_p * V * CPU) // G, mask=mask_p, other=0.0)
+    if HAS_CORR:  # the first rank chunk of B is loaded now, its latency hidden by the loop
+        bt = gl.load(b_ptr + (n0 + rn_p) * R + rj_p, mask=nmask_p & (rj_p < R), other=0.0)
     for k0 in range(0, KU, STEP):
         # the next step's words and parameters are loaded before this step is decoded
         un = k0 + STEP + u_w
@@ -152,18 +157,21 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, book_ptr, xa_ptr, b_ptr, bias_ptr, 
         sc = scn
         if HAS_Z:
             zz = zzn
+    if HAS_CORR:  # xa · B[rows]ᵀ joins the partial sums before their one reduction, r along the thread columns
+        if PDL:
+            wait_primary()
+        rm_c = gl.expand_dims(gl.arange(0, MR, layout=gl.SliceLayout(1, LXS)), 1)
+        rj_c = gl.expand_dims(gl.arange(0, J, layout=gl.SliceLayout(0, LXS)), 0)
+        for r0 in range(0, R, J):
+            if r0 > 0:
+                bt = gl.load(b_ptr + (n0 + rn_p) * R + r0 + rj_p, mask=nmask_p & (r0 + rj_p < R), other=0.0)
+            xa = gl.load(xa_ptr + (m0 + rm_c) * stride_xam + r0 + rj_c, mask=(m0 + rm_c < M) & (r0 + rj_c < R),
+                         other=0.0)  # fmt: skip
+            acc += gl.expand_dims(bt.to(gl.float32), 0) * gl.expand_dims(xa.to(gl.float32), 1)
     y = gl.sum(acc, axis=2)
     rm_y = gl.expand_dims(gl.arange(0, MR, layout=gl.SliceLayout(1, LY)), 1)
     rn_y = gl.expand_dims(gl.arange(0, BN, layout=gl.SliceLayout(0, LY)), 0)
     mask_y = (m0 + rm_y < M) & (n0 + rn_y < N)
-    if HAS_CORR:  # y += xa · B[rows]ᵀ, r along the thread columns
-        rm_c = gl.expand_dims(gl.arange(0, MR, layout=gl.SliceLayout(1, LXS)), 1)
-        rj_c = gl.expand_dims(gl.arange(0, J, layout=gl.SliceLayout(0, LXS)), 0)
-        for r0 in range(0, R, J):
-            bt = gl.load(b_ptr + (n0 + rn_p) * R + r0 + rj_p, mask=nmask_p & (r0 + rj_p < R), other=0.0)
-            xa = gl.load(xa_ptr + (m0 + rm_c) * stride_xam + r0 + rj_c, mask=(m0 + rm_c < M) & (r0 + rj_c < R),
-                         other=0.0)  # fmt: skip
-            y += gl.sum(gl.expand_dims(bt.to(gl.float32), 0) * gl.expand_dims(xa.to(gl.float32), 1), axis=2)
     if HAS_BIAS:
         y += gl.load(bias_ptr + n0 + rn_y, mask=n0 + rn_y < N, other=0.0).to(gl.float32)
     gl.store(y_ptr + (m0 + rm_y) * stride_ym + n0 + rn_y, y.to(y_ptr.dtype.element_ty), mask=mask_y)
@@ -187,8 +195,10 @@ def gemv_config(m: int, bits: int, k: int, group: int) -> dict:
     words stay in one group), threads along K per warp, warps along rows and along K. The
     best of the H100 sweeps in BENCHMARKS.md (11008 x 4096)."""
     cpu = 32 if bits == 3 else 32 // bits
-    if m <= 2:
-        cfg = {"MR": m, "RPT": 2, "V": 2 if bits == 2 else 4, "TJ": 32, "WR": 2, "WJ": 2}
+    if m <= 2 and bits == 2:
+        cfg = {"MR": m, "RPT": 8, "V": 2, "TJ": 32, "WR": 1, "WJ": 2}
+    elif m <= 2:
+        cfg = {"MR": m, "RPT": 4, "V": 4, "TJ": 32, "WR": 3 - m, "WJ": 2}
     elif m <= 4:
         cfg = {"MR": 4, "RPT": 2, "V": 2, "TJ": 32, "WR": 2, "WJ": 2}
     else:
@@ -200,20 +210,21 @@ def gemv_config(m: int, bits: int, k: int, group: int) -> dict:
     return cfg
 
 
-def gemv(x2, qweight, scales, offsets, book, xa, B, bias, bits: int, fmt: int, n: int, k: int, group: int,
+def gemv(x2, qweight, scales, offsets, book, A, B, bias, bits: int, fmt: int, n: int, k: int, group: int,
          cfg: dict) -> torch.Tensor:  # fmt: skip
-    """Launch: x2 (M x k) contiguous; xa = x · Aᵀ (M x r) and B (n x r) in x's dtype."""
+    """Launch: x2 (M x k) contiguous; A (r x k) and B (n x r) in x's dtype."""
     m = x2.shape[0]
     cpu = 32 if bits == 3 else 32 // bits
     bn = cfg["RPT"] * (32 // cfg["TJ"]) * cfg["WR"]
     y = x2.new_empty(m, n)
     r = B.shape[1] if B is not None else 0
+    xa, pdl = lowrank.xa(x2, A) if A is not None else (None, False)  # launched last before the GEMV
     _gemv_kernel[(triton.cdiv(m, cfg["MR"]), triton.cdiv(n, bn))](
         x2, qweight.view(torch.int32), scales, offsets if offsets is not None else scales,
         book if book is not None else scales, xa if xa is not None else x2, B if B is not None else x2,
         bias if bias is not None else x2, y, m, n, k // cpu, k * bits // 32, scales.shape[1], r, x2.stride(0),
         xa.stride(0) if xa is not None else 0, y.stride(0), _ONE, G=group, BITS=bits, FMT=fmt,
-        HAS_Z=offsets is not None, HAS_CORR=B is not None, HAS_BIAS=bias is not None,
+        HAS_Z=offsets is not None, HAS_CORR=B is not None, HAS_BIAS=bias is not None, PDL=pdl, launch_pdl=pdl,
         num_warps=cfg["WR"] * cfg["WJ"], **cfg)  # fmt: skip
     return y
 

@@ -31,8 +31,9 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-from loquant.kernels import split_k
+from loquant.kernels import lowrank, split_k
 from loquant.kernels.gluon_gemv import _ONE, _expand, _values
+from loquant.kernels.lowrank import wait_primary
 
 
 def _log2(v: int) -> int:
@@ -72,23 +73,25 @@ def _layouts(bits: int, BM: int, BK: int, WN: int, RN: int, pairs: bool):
 @gluon.jit
 def _finish(acc, xa_ptr, b_ptr, bias_ptr, y_ptr, n0, m0, M, N, R, stride_xam, stride_ym,
             HAS_CORR: gl.constexpr, HAS_BIAS: gl.constexpr, RP: gl.constexpr, WN: gl.constexpr,
-            MMA: gl.constexpr):  # fmt: skip
+            MMA: gl.constexpr, PDL: gl.constexpr):  # fmt: skip
     """acc (BN weight rows x BM x rows) + B[rows] · xaᵀ + bias -> y (x rows x weight rows)."""
     BN: gl.constexpr = acc.shape[0]
     BM: gl.constexpr = acc.shape[1]
     rn = gl.expand_dims(gl.arange(0, BN, layout=gl.SliceLayout(1, MMA)), 1)
     rm = gl.expand_dims(gl.arange(0, BM, layout=gl.SliceLayout(0, MMA)), 0)
     if HAS_CORR:  # one more MMA over the rank: B[rows] (BN x RP) · xaᵀ (RP x BM)
-        LB: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WN, 1], [1, 0])
-        bn_ = gl.expand_dims(gl.arange(0, BN, layout=gl.SliceLayout(1, LB)), 1)
-        br = gl.expand_dims(gl.arange(0, RP, layout=gl.SliceLayout(0, LB)), 0)
+        if PDL:
+            wait_primary()
+        # B and xa are loaded straight into the mma operand layouts (no trip through shared memory)
+        LBA: gl.constexpr = gl.DotOperandLayout(0, MMA, 2)
+        LXB: gl.constexpr = gl.DotOperandLayout(1, MMA, 2)
+        bn_ = gl.expand_dims(gl.arange(0, BN, layout=gl.SliceLayout(1, LBA)), 1)
+        br = gl.expand_dims(gl.arange(0, RP, layout=gl.SliceLayout(0, LBA)), 0)
         bt = gl.load(b_ptr + (n0 + bn_) * R + br, mask=(n0 + bn_ < N) & (br < R), other=0.0)
-        LXA: gl.constexpr = gl.BlockedLayout([8, 1], [8, 4], [1, WN], [0, 1])
-        xr = gl.expand_dims(gl.arange(0, RP, layout=gl.SliceLayout(1, LXA)), 1)
-        xm = gl.expand_dims(gl.arange(0, BM, layout=gl.SliceLayout(0, LXA)), 0)
+        xr = gl.expand_dims(gl.arange(0, RP, layout=gl.SliceLayout(1, LXB)), 1)
+        xm = gl.expand_dims(gl.arange(0, BM, layout=gl.SliceLayout(0, LXB)), 0)
         xat = gl.load(xa_ptr + (m0 + xm) * stride_xam + xr, mask=(m0 + xm < M) & (xr < R), other=0.0)
-        acc = mma_v2(gl.convert_layout(bt, gl.DotOperandLayout(0, MMA, 2)),
-                     gl.convert_layout(xat, gl.DotOperandLayout(1, MMA, 2)), acc)  # fmt: skip
+        acc = mma_v2(bt, xat, acc)
     if HAS_BIAS:
         acc += gl.load(bias_ptr + n0 + rn, mask=n0 + rn < N, other=0.0).to(gl.float32)
     gl.store(y_ptr + (m0 + rm) * stride_ym + n0 + rn, acc.to(y_ptr.dtype.element_ty),
@@ -194,7 +197,8 @@ def _mma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, book_ptr, xa_ptr, b_ptr, bias_ptr, y
                 HAS_CORR: gl.constexpr, HAS_BIAS: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr,
                 WN: gl.constexpr, RN: gl.constexpr, SPLIT: gl.constexpr, RP: gl.constexpr,
                 L4: gl.constexpr, LX3: gl.constexpr, MMA: gl.constexpr, PAIRS: gl.constexpr,
-                DEC: gl.constexpr, PACK: gl.constexpr, XPRE: gl.constexpr, MAGV: gl.constexpr):  # fmt: skip
+                DEC: gl.constexpr, PACK: gl.constexpr, XPRE: gl.constexpr, MAGV: gl.constexpr,
+                PDL: gl.constexpr):  # fmt: skip
     CPU: gl.constexpr = 32 if BITS == 3 else 32 // BITS  # codes per unit
     HALF: gl.constexpr = CPU // 2
     WPU: gl.constexpr = 3 if BITS == 3 else 1  # words per unit
@@ -253,7 +257,7 @@ def _mma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, book_ptr, xa_ptr, b_ptr, bias_ptr, y
                         BM, BK, NU, T, HALF, CS, XPRE, PAIRS, DEC, PACK, L4, LA, LB, x_ptr, MAGV)  # fmt: skip
     if SPLIT == 1:
         _finish(acc, xa_ptr, b_ptr, bias_ptr, y_ptr, n0, m0, M, N, R, stride_xam, stride_ym,
-                HAS_CORR, HAS_BIAS, RP, WN, MMA)  # fmt: skip
+                HAS_CORR, HAS_BIAS, RP, WN, MMA, PDL)  # fmt: skip
     else:
         rn_y = gl.expand_dims(gl.arange(0, BN, layout=gl.SliceLayout(1, MMA)), 1)
         rm_y = gl.expand_dims(gl.arange(0, BM, layout=gl.SliceLayout(0, MMA)), 0)
@@ -266,7 +270,7 @@ def _mma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, book_ptr, xa_ptr, b_ptr, bias_ptr, y
         if ticket == SPLIT - 1:  # the last CTA of this tile: every partial sum is in ws
             acc = gl.load(wsp, mask=ymask, other=0.0, cache_modifier=".cg")
             _finish(acc, xa_ptr, b_ptr, bias_ptr, y_ptr, n0, m0, M, N, R, stride_xam, stride_ym,
-                    HAS_CORR, HAS_BIAS, RP, WN, MMA)  # fmt: skip
+                    HAS_CORR, HAS_BIAS, RP, WN, MMA, PDL)  # fmt: skip
 
 
 def _pair(value: float, dtype: torch.dtype) -> int:
@@ -297,9 +301,9 @@ def _check(cfg: dict, bits: int, k: int, group: int) -> None:
                          f"whole units inside one group of {group}")  # fmt: skip
 
 
-def mma(x2, qweight, scales, offsets, book, xa, B, bias, bits: int, fmt: int, n: int, k: int, group: int,
+def mma(x2, qweight, scales, offsets, book, A, B, bias, bits: int, fmt: int, n: int, k: int, group: int,
         cfg: dict, sms: int) -> torch.Tensor:  # fmt: skip
-    """Launch: x2 (M x k) contiguous; xa = x · Aᵀ (M x r) and B (n x r) in x's dtype."""
+    """Launch: x2 (M x k) contiguous; A (r x k) and B (n x r) in x's dtype."""
     _check(cfg, bits, k, group)
     if x2.data_ptr() % 16:  # x is read as aligned int32 words (a view can start anywhere)
         x2 = x2.clone()
@@ -328,6 +332,7 @@ def mma(x2, qweight, scales, offsets, book, xa, B, bias, bits: int, fmt: int, n:
     maxnreg = cfg.get("MAXNREG", 168 if pairs and fmt == 0 and bm <= 16 and wn == 4 else None)
     extra = {"maxnreg": maxnreg} if maxnreg else {}
     grid = (triton.cdiv(n, bn), triton.cdiv(m, bm), split)
+    xa, pdl = lowrank.xa(x2, A) if A is not None else (None, False)  # launched last before the kernel
     _mma_kernel[grid](
         x2, qweight.view(torch.int32), scales, offsets if offsets is not None else scales,
         book if book is not None else scales, xa if xa is not None else x2, B if B is not None else x2,
@@ -339,5 +344,6 @@ def mma(x2, qweight, scales, offsets, book, xa, B, bias, bits: int, fmt: int, n:
         RN=rn, SPLIT=split, RP=max(16, triton.next_power_of_2(max(r, 1))), L4=L4, LX3=LX3, MMA=MMA, PAIRS=pairs,
         DEC=f"{{ .reg .b32 t; shr.u32 t, $1, $3; lop3.b32 t, t, {pmask}, {magic2}, 0xea; "
         f"fma.rn.{half} t, t, $9, $11; fma.rn.{half} $0, t, $5, $7; }}",
-        PACK="mov.b32 $0, {$1, $1};", XPRE=cfg.get("XPRE", bm <= 32), MAGV=magic, num_warps=wn, **extra)  # fmt: skip
+        PACK="mov.b32 $0, {$1, $1};", XPRE=cfg.get("XPRE", bm <= 32), MAGV=magic, PDL=pdl, launch_pdl=pdl,
+        num_warps=wn, **extra)  # fmt: skip
     return y

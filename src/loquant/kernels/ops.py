@@ -63,14 +63,15 @@ def _common(x2, qweight, scales, offsets, book, bits, fmt, k):
     return q, z, bk, ku, rw, has_z
 
 
-def _run_gemv(x2, qweight, scales, offsets, book, xa, B, bias, bits, fmt, n, k, group):
+def _run_gemv(x2, qweight, scales, offsets, book, A, B, bias, bits, fmt, n, k, group):
     cfg = gluon_gemv.gemv_config(x2.shape[0], bits, k, group) | OVERRIDE.get("gemv", {})
-    return gluon_gemv.gemv(x2, qweight, scales, offsets, book, xa, B, bias, bits, fmt, n, k, group, cfg)
+    return gluon_gemv.gemv(x2, qweight, scales, offsets, book, A, B, bias, bits, fmt, n, k, group, cfg)
 
 
-def _run_gemm(x2, qweight, scales, offsets, book, xa, B, bias, bits, fmt, n, k, group):
+def _run_gemm(x2, qweight, scales, offsets, book, A, B, bias, bits, fmt, n, k, group):
     m = x2.shape[0]
     q, z, bk, ku, rw, has_z = _common(x2, qweight, scales, offsets, book, bits, fmt, k)
+    xa = None if A is None else F.linear(x2, A)
     cfg = dict(gemm_config(m, bits, n, k))
     bm, bn, j = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("J")
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
@@ -89,9 +90,9 @@ def _run_gemm(x2, qweight, scales, offsets, book, xa, B, bias, bits, fmt, n, k, 
     return y if split == 1 else y.to(x2.dtype)
 
 
-def _run_mma(x2, qweight, scales, offsets, book, xa, B, bias, bits, fmt, n, k, group):
+def _run_mma(x2, qweight, scales, offsets, book, A, B, bias, bits, fmt, n, k, group):
     cfg = gluon_mma.mma_config(x2.shape[0], bits, n, k, group) | OVERRIDE.get("mma", {})
-    return gluon_mma.mma(x2, qweight, scales, offsets, book, xa, B, bias, bits, fmt, n, k, group, cfg,
+    return gluon_mma.mma(x2, qweight, scales, offsets, book, A, B, bias, bits, fmt, n, k, group, cfg,
                          _num_sms(x2.device.index or 0))  # fmt: skip
 
 
@@ -123,7 +124,7 @@ def qmm(
     scales: torch.Tensor,
     offsets: torch.Tensor | None,
     book: torch.Tensor | None,
-    xa: torch.Tensor | None,
+    A: torch.Tensor | None,
     B: torch.Tensor | None,
     bias: torch.Tensor | None,
     bits: int,
@@ -133,14 +134,14 @@ def qmm(
     group: int,
     path: int = 0,
 ) -> torch.Tensor:
-    """x (M x k, bf16/fp16, contiguous) · deq(W)ᵀ (+ xa · Bᵀ + bias) -> (M x n) in x's dtype.
+    """x (M x k, bf16/fp16, contiguous) · deq(W)ᵀ (+ (x · Aᵀ) · Bᵀ + bias) -> (M x n) in x's dtype.
 
     qweight: loquant's packed uint8 codes; scales / offsets (icq shifts for nf): (n x groups)
-    fp16 or fp32; book: the nf code book (fp32); xa = x · Aᵀ (M x r) and B (n x r) in x's
-    dtype; path 0 picks GEMV / mma / fused GEMM / dequantize+cuBLAS from M and the shape.
+    fp16 or fp32; book: the nf code book (fp32); the correction's A (r x k) and B (n x r) in
+    x's dtype; path 0 picks GEMV / mma / fused GEMM / dequantize+cuBLAS from M and the shape.
     """
     path = path or pick_path(x.shape[0], fmt, bits, k, group)
-    args = (x, qweight, scales, offsets, book, xa, B, bias, bits, fmt, n, k, group)
+    args = (x, qweight, scales, offsets, book, A, B, bias, bits, fmt, n, k, group)
     if path == GEMV:
         return _run_gemv(*args)
     if path == GEMM:
@@ -150,10 +151,10 @@ def qmm(
     w = dequantize(qweight, scales, offsets, book, bits, fmt, n, k, group, x.dtype)
     y = F.linear(x, w, bias)
     if B is not None:
-        y = y + F.linear(xa, B)
+        y = y + F.linear(F.linear(x, A), B)
     return y
 
 
 @qmm.register_fake
-def _(x, qweight, scales, offsets, book, xa, B, bias, bits, fmt, n, k, group, path=0):
+def _(x, qweight, scales, offsets, book, A, B, bias, bits, fmt, n, k, group, path=0):
     return x.new_empty(x.shape[0], n)
