@@ -17,11 +17,17 @@ from loquant.formats.spec import WeightFormat
 FMT_IDS = {"int": 0, "int-sym": 1, "nf": 2}
 
 
+def units(bits: int) -> tuple[int, int]:
+    """(codes per unit, int32 words per unit): a unit is the smallest run of codes that starts
+    and ends on a 32-bit word (3 bits: 32 codes in 3 words)."""
+    return (32, 3) if bits == 3 else (32 // bits, 1)
+
+
 def kernel_reason(fmt: WeightFormat, out_features: int, in_features: int) -> str | None:
     """Why a layer cannot use the Triton kernels (None: it can)."""
     if fmt.bits not in (2, 3, 4):
         return f"{fmt.bits}-bit codes (the kernels read 2, 3 and 4 bits)"
-    cpu = 32 if fmt.bits == 3 else 32 // fmt.bits
+    cpu = units(fmt.bits)[0]
     if in_features % cpu:
         return f"in_features {in_features} is not a multiple of {cpu} (rows must start on a 32-bit word)"
     group = fmt.group_len(in_features)

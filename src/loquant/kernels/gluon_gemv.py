@@ -23,7 +23,7 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
-from loquant.kernels import lowrank
+from loquant.kernels import lowrank, units
 from loquant.kernels.lowrank import wait_primary
 
 
@@ -194,7 +194,7 @@ def gemv_config(m: int, bits: int, k: int, group: int) -> dict:
     """x rows per program, then the weight tile: rows per thread, words per thread (a thread's
     words stay in one group), threads along K per warp, warps along rows and along K. The
     best of the H100 sweeps in BENCHMARKS.md (11008 x 4096)."""
-    cpu = 32 if bits == 3 else 32 // bits
+    cpu = units(bits)[0]
     if m <= 2 and bits == 2:
         cfg = {"MR": m, "RPT": 8, "V": 2, "TJ": 32, "WR": 1, "WJ": 2}
     elif m <= 2:
@@ -214,7 +214,7 @@ def gemv(x2, qweight, scales, offsets, book, A, B, bias, bits: int, fmt: int, n:
          cfg: dict) -> torch.Tensor:  # fmt: skip
     """Launch: x2 (M x k) contiguous; A (r x k) and B (n x r) in x's dtype."""
     m = x2.shape[0]
-    cpu = 32 if bits == 3 else 32 // bits
+    cpu = units(bits)[0]
     bn = cfg["RPT"] * (32 // cfg["TJ"]) * cfg["WR"]
     y = x2.new_empty(m, n)
     r = B.shape[1] if B is not None else 0

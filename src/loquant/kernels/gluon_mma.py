@@ -31,7 +31,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-from loquant.kernels import lowrank, split_k
+from loquant.kernels import lowrank, split_k, units
 from loquant.kernels.gluon_gemv import _ONE, _expand, _values
 from loquant.kernels.lowrank import wait_primary
 
@@ -43,7 +43,7 @@ def _log2(v: int) -> int:
 def _layouts(bits: int, BM: int, BK: int, WN: int, RN: int, pairs: bool):
     """(code layout (BN, 4, NU, CPU or CPU/2 pairs), x layout (BM, 4, C), mma layout) as linear
     layouts whose lanes and warps match mma.sync's A and B fragments after the K permutation."""
-    cpu = 32 if bits == 3 else 32 // bits
+    cpu = units(bits)[0]
     c = BK // 4
     nu = c // cpu
     cpu = cpu // 2 if pairs else cpu
@@ -290,7 +290,7 @@ def mma_config(m: int, bits: int, n: int, k: int, group: int) -> dict:
 def fits(bits: int, k: int, group: int, bk: int = 128) -> bool:
     """Whether K is whole steps of bk codes and a thread's bk/4 codes are whole units inside
     one group."""
-    cpu = 32 if bits == 3 else 32 // bits
+    cpu = units(bits)[0]
     c = bk // 4
     return k % bk == 0 and c % cpu == 0 and (group == k or group % c == 0)
 
@@ -337,7 +337,7 @@ def mma(x2, qweight, scales, offsets, book, A, B, bias, bits: int, fmt: int, n: 
         x2, qweight.view(torch.int32), scales, offsets if offsets is not None else scales,
         book if book is not None else scales, xa if xa is not None else x2, B if B is not None else x2,
         bias if bias is not None else x2, y, ws, cnt, m, n, k, k * bits // 32, scales.shape[1], r, k_split,
-        k_split // (32 if bits == 3 else 32 // bits) * (3 if bits == 3 else 1),
+        k_split // units(bits)[0] * units(bits)[1],
         x2.stride(0), xa.stride(0) if xa is not None else 0, y.stride(0), _pair(1.0, x2.dtype) if pairs else _ONE,
         _pair(neg, x2.dtype), G=group, BITS=bits, FMT=fmt,
         HAS_Z=offsets is not None, HAS_CORR=B is not None, HAS_BIAS=bias is not None, BM=bm, BK=bk, WN=wn,

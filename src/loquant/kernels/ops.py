@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from loquant.kernels import gluon_gemv, gluon_mma, split_k
+from loquant.kernels import gluon_gemv, gluon_mma, split_k, units
 from loquant.kernels.triton_qmm import _dequant_kernel, _gemm_kernel
 
 GEMV, GEMM, DEQUANT, MMA = 1, 2, 3, 4
@@ -35,7 +35,7 @@ def _num_sms(device: int) -> int:
 
 def _units(bits: int, k: int) -> tuple[int, int, int]:
     """(codes per unit, units per row, int32 words per row)."""
-    cpu = 32 if bits == 3 else 32 // bits
+    cpu = units(bits)[0]
     return cpu, k // cpu, k * bits // 32
 
 
