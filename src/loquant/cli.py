@@ -681,6 +681,8 @@ def main(argv: list[str] | None = None) -> int:
     except LoquantError as err:
         print(f"loquant: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        distributed.close()
     return 0
 
 

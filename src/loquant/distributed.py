@@ -17,13 +17,16 @@ from loquant.errors import LoquantError
 from loquant.layers import QuantLinear
 
 T = TypeVar("T")
+_OWNED = False  # init_from_env created the process group, so close() ends it
 
 
 def init_from_env() -> bool:
     """Join the process group torchrun describes (WORLD_SIZE > 1); False for one process."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return dist.is_initialized()
+    global _OWNED
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    _OWNED = True
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return True
@@ -91,3 +94,13 @@ def rank0(fn: Callable[[], T]) -> T | None:
 def barrier() -> None:
     if world()[1] > 1:
         dist.barrier()
+
+
+def close() -> None:
+    """End the process group init_from_env created, before the interpreter exits: left to
+    finalization, gloo's worker threads can free tensors after Python is gone, and the process
+    aborts (SIGABRT, seen in CI). A group the caller made is theirs to end."""
+    global _OWNED
+    if _OWNED and dist.is_initialized():
+        dist.destroy_process_group()
+    _OWNED = False
