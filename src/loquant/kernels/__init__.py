@@ -36,7 +36,7 @@ def kernel_reason(fmt: WeightFormat, out_features: int, in_features: int) -> str
     return None
 
 
-def split_k(programs: int, steps: int, sms: int, per_sm: int, min_steps: int) -> int:
+def split_k(programs: int, steps: int, sms: int, per_sm: float, min_steps: int) -> int:
     """How many parts to split K into (a power of two): until about per_sm programs run per SM,
     as long as each part keeps at least min_steps K steps."""
     split = 1

@@ -311,7 +311,9 @@ def mma(x2, qweight, scales, offsets, book, A, B, bias, bits: int, fmt: int, n: 
     bm, bk, wn, rn = cfg["BM"], cfg["BK"], cfg["WN"], cfg["RN"]
     bn = 16 * wn * rn
     tiles = triton.cdiv(n, bn) * triton.cdiv(m, bm)
-    split = cfg.get("SPLIT") or split_k(tiles, k // bk, sms, 4, 8)  # about 4 CTAs per SM, 8+ steps each
+    # the smallest split with about 1.6 CTAs per SM, 2+ steps each: the best split on the H100
+    # for every Llama-2-7B / Llama-3-8B shape at M = 4, 16 and 64 (BENCHMARKS.md)
+    split = cfg.get("SPLIT") or split_k(tiles, k // bk, sms, 1.6, 2)
     k_split = triton.cdiv(triton.cdiv(k, split), bk) * bk
     split = triton.cdiv(k, k_split)
     y = x2.new_empty(m, n)
