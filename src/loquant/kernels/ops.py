@@ -83,8 +83,8 @@ def _run_gemm(x2, qweight, scales, offsets, book, A, B, bias, bits, fmt, n, k, g
     r = B.shape[1] if B is not None else 0
     _gemm_kernel[(tiles, split)](
         x2, q, scales, z, bk, xa if xa is not None else x2, B if B is not None else x2,
-        bias if bias is not None else x2, y, m, n, ku, rw, scales.shape[1], group, r, per_split,
-        x2.stride(0), xa.stride(0) if xa is not None else 0, y.stride(0),
+        bias if bias is not None else x2, y, m, n, ku, rw, scales.shape[1], r, per_split,
+        x2.stride(0), xa.stride(0) if xa is not None else 0, y.stride(0), G=group,
         BITS=bits, FMT=fmt, HAS_Z=has_z, HAS_CORR=B is not None, HAS_BIAS=bias is not None, BM=bm, BN=bn,
         J=j, RP=max(16, triton.next_power_of_2(max(r, 1))), SPLIT_K=split, GROUP_M=8, **cfg)  # fmt: skip
     return y if split == 1 else y.to(x2.dtype)

@@ -33,9 +33,8 @@ FMT_IDS = {"int": 0, "int-sym": 1, "nf": 2}
 def _unit_codes(w0, w1, w2, BITS: tl.constexpr):
     """(BN, J) int32 words of J units -> (BN, J, CPU) raw codes, in column order."""
     CPU: tl.constexpr = 32 if BITS == 3 else 32 // BITS
-    s = tl.arange(0, CPU)[None, None, :]
     if BITS == 3:
-        b = s * 3
+        b = tl.arange(0, CPU)[None, None, :] * 3
         wi = b // 32
         sh = b % 32
         a = tl.where(wi == 0, w0[:, :, None], tl.where(wi == 1, w1[:, :, None], w2[:, :, None]))
@@ -44,7 +43,17 @@ def _unit_codes(w0, w1, w2, BITS: tl.constexpr):
         hi = tl.where(sh > 29, nxt << ((32 - sh) & 31), 0)
         c = (lo | hi) & 7
     else:
-        c = (w0[:, :, None] >> (s * BITS)) & ((1 << BITS) - 1)
+        # halve the shift per level, each join a new in-thread dim: the codes of a word stay in
+        # one thread (code index = the joined dims read in order), not one code per thread
+        c = w0.to(tl.uint32, bitcast=True)
+        SH: tl.constexpr = 16
+        c = tl.join(c, c >> SH)
+        if BITS <= 4:
+            c = tl.join(c, c >> (SH // 2))
+        if BITS <= 2:
+            c = tl.join(c, c >> (SH // 4))
+        c = tl.join(c, c >> BITS)
+        c = (tl.reshape(c, (c.shape[0], c.shape[1], CPU)) & ((1 << BITS) - 1)).to(tl.int32, bitcast=True)
     return c
 
 
@@ -83,7 +92,7 @@ def _params(s_ptr, z_ptr, rn, gidx, NG, mask, BITS: tl.constexpr, FMT: tl.conste
 
 @triton.jit
 def _gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, book_ptr, xa_ptr, b_ptr, bias_ptr, y_ptr,
-                 M, N, KU, RW, NG, G, R, units_per_split, stride_xm, stride_xam, stride_ym,
+                 M, N, KU, RW, NG, R, units_per_split, stride_xm, stride_xam, stride_ym, G: tl.constexpr,
                  BITS: tl.constexpr, FMT: tl.constexpr, HAS_Z: tl.constexpr, HAS_CORR: tl.constexpr,
                  HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, J: tl.constexpr,
                  RP: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr):  # fmt: skip
@@ -107,6 +116,12 @@ def _gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, book_ptr, xa_ptr, b_ptr, bias_ptr, 
     xdt = x_ptr.dtype.element_ty
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     u_begin = pid_k * units_per_split
+    # a step inside one group (its usual case): one scale / offset per row and step, loaded a
+    # step ahead instead of one per row and unit
+    ONE_GROUP: tl.constexpr = G % (J * CPU) == 0
+    if ONE_GROUP:
+        P1, Q1 = _params(s_ptr, z_ptr, rn, (u_begin * CPU // G) + tl.zeros((1,), tl.int32), NG, mask_n[:, None],
+                         BITS, FMT, HAS_Z)  # fmt: skip
     for i in range(0, units_per_split, J):
         u = u_begin + i + rj
         mask_u = u < KU
@@ -119,7 +134,12 @@ def _gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, book_ptr, xa_ptr, b_ptr, bias_ptr, 
         else:
             w1 = w0
             w2 = w0
-        P, Q = _params(s_ptr, z_ptr, rn, (u * CPU) // G, NG, mask, BITS, FMT, HAS_Z)
+        if ONE_GROUP:
+            P, Q = P1, Q1
+            nxt = tl.minimum(u_begin + i + J, KU - 1) * CPU // G
+            P1, Q1 = _params(s_ptr, z_ptr, rn, nxt + tl.zeros((1,), tl.int32), NG, mask_n[:, None], BITS, FMT, HAS_Z)
+        else:
+            P, Q = _params(s_ptr, z_ptr, rn, (u * CPU) // G, NG, mask, BITS, FMT, HAS_Z)
         f = _unit_values(w0, w1, w2, book_ptr, BITS, FMT)
         w = tl.reshape((f * P[:, :, None] + Q[:, :, None]).to(xdt), (BN, J * CPU))
         kk = (u_begin + i) * CPU + rk
