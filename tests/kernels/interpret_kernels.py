@@ -11,7 +11,7 @@ from triton.runtime import interpreter
 from loquant import QuantLinear, WeightFormat
 from loquant.kernels import lowrank, ops, qlinear
 
-_patch_lang_tensor = interpreter._patch_lang_tensor
+_patch_lang_tensor = getattr(interpreter, "_patch_lang_tensor", None)  # triton 3.6's name
 
 
 def _patch_index(tensor, scope) -> None:
@@ -21,7 +21,8 @@ def _patch_index(tensor, scope) -> None:
     scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
 
 
-interpreter._patch_lang_tensor = _patch_index
+if _patch_lang_tensor is not None:
+    interpreter._patch_lang_tensor = _patch_index
 ops._num_sms = lambda device: 132  # the H100's count; there is no device to ask
 lowrank.pdl_supported = lambda device: False
 
