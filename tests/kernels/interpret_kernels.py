@@ -21,10 +21,15 @@ def _patch_index(tensor, scope) -> None:
     scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
 
 
-if _patch_lang_tensor is not None:
-    interpreter._patch_lang_tensor = _patch_index
-ops._num_sms = lambda device: 132  # the H100's count; there is no device to ask
-lowrank.pdl_supported = lambda device: False
+def _no_device() -> None:
+    """Stand-ins for what the launchers ask the GPU, and the interpreter fix. Applied in the
+    interpreter's own process only: the test imports this module for its case lists, and on
+    a GPU machine the other tests in that process need the real functions."""
+    if _patch_lang_tensor is not None:
+        interpreter._patch_lang_tensor = _patch_index
+    ops._num_sms = lambda device: 132  # the H100's count
+    lowrank.pdl_supported = lambda device: False
+
 
 FORMATS = [WeightFormat("int", 4, 128), WeightFormat("int", 2, 64), WeightFormat("int", 3, 32),
            WeightFormat("int-sym", 4, 32), WeightFormat("int-sym", 2, -1), WeightFormat("nf", 4, 64),
@@ -39,6 +44,7 @@ def error(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def main() -> None:
+    _no_device()
     for i, fmt in enumerate(FORMATS):
         torch.manual_seed(i)
         n, k = 72, 512

@@ -26,3 +26,10 @@ def test_plain_triton_kernels_match_the_reference_in_the_interpreter():
     assert len(errors) == len(FORMATS) * (4 + len(GEMM_TILES))
     bad = {case: e for case, e in errors.items() if not float(e) < 1e-2}
     assert not bad, bad
+
+
+def test_importing_the_case_lists_patches_nothing():
+    """(It once did: on the GPU machine, PDL was then off for the rest of the test process.)"""
+    from loquant.kernels import lowrank, ops
+
+    assert lowrank.pdl_supported.__name__ == "pdl_supported" and ops._num_sms.__name__ == "_num_sms"
