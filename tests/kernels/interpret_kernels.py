@@ -65,7 +65,7 @@ def main() -> None:
                         print(f"{name}-gemm{j}-{tag} {error(qlinear(x, state, A, B, bias, path=ops.GEMM), ref)}")
                     finally:
                         ops.OVERRIDE.clear()
-            xa, pdl = lowrank.xa(x, A)
+            xa, _ = lowrank.xa(x, A)
             print(f"{name}-xa-{tag} {error(xa, x.float() @ A.float().T)}", flush=True)
 
 

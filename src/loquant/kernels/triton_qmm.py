@@ -91,6 +91,15 @@ def _params(s_ptr, z_ptr, rn, gidx, NG, mask, BITS: tl.constexpr, FMT: tl.conste
 
 
 @triton.jit
+def _group_params(s_ptr, z_ptr, rn, unit, NG, mask_n, G: tl.constexpr, BITS: tl.constexpr, FMT: tl.constexpr,
+                  HAS_Z: tl.constexpr):  # fmt: skip
+    """P, Q (rows x 1) of the group holding code unit `unit` (a step inside one group)."""
+    CPU: tl.constexpr = 32 if BITS == 3 else 32 // BITS
+    gidx = unit * CPU // G + tl.zeros((1,), tl.int32)
+    return _params(s_ptr, z_ptr, rn, gidx, NG, mask_n[:, None], BITS, FMT, HAS_Z)
+
+
+@triton.jit
 def _gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, book_ptr, xa_ptr, b_ptr, bias_ptr, y_ptr,
                  M, N, KU, RW, NG, R, units_per_split, stride_xm, stride_xam, stride_ym, G: tl.constexpr,
                  BITS: tl.constexpr, FMT: tl.constexpr, HAS_Z: tl.constexpr, HAS_CORR: tl.constexpr,
@@ -120,8 +129,7 @@ def _gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, book_ptr, xa_ptr, b_ptr, bias_ptr, 
     # step ahead instead of one per row and unit
     ONE_GROUP: tl.constexpr = G % (J * CPU) == 0
     if ONE_GROUP:
-        P1, Q1 = _params(s_ptr, z_ptr, rn, (u_begin * CPU // G) + tl.zeros((1,), tl.int32), NG, mask_n[:, None],
-                         BITS, FMT, HAS_Z)  # fmt: skip
+        P1, Q1 = _group_params(s_ptr, z_ptr, rn, u_begin, NG, mask_n, G, BITS, FMT, HAS_Z)
     for i in range(0, units_per_split, J):
         u = u_begin + i + rj
         mask_u = u < KU
@@ -136,8 +144,8 @@ def _gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, book_ptr, xa_ptr, b_ptr, bias_ptr, 
             w2 = w0
         if ONE_GROUP:
             P, Q = P1, Q1
-            nxt = tl.minimum(u_begin + i + J, KU - 1) * CPU // G
-            P1, Q1 = _params(s_ptr, z_ptr, rn, nxt + tl.zeros((1,), tl.int32), NG, mask_n[:, None], BITS, FMT, HAS_Z)
+            nxt = tl.minimum(u_begin + i + J, KU - 1)
+            P1, Q1 = _group_params(s_ptr, z_ptr, rn, nxt, NG, mask_n, G, BITS, FMT, HAS_Z)
         else:
             P, Q = _params(s_ptr, z_ptr, rn, (u * CPU) // G, NG, mask, BITS, FMT, HAS_Z)
         f = _unit_values(w0, w1, w2, book_ptr, BITS, FMT)
