@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import triton
 
 from loquant import QuantLinear, WeightFormat
-from loquant.kernels import ops, qlinear
+from loquant.kernels import gluon_wgmma, ops, qlinear
 
 DT = torch.bfloat16
 MS = (1, 4, 16, 64, 512, 4096)
@@ -211,14 +211,16 @@ def section_correction(args):
 def section_paths(args):
     out_f, in_f = 11008, 4096
     print("\n### Paths compared (INT4 g128 and NF4 g64, 11008 × 4096), µs\n")
-    print("| format | M | bf16 | GEMV (CUDA cores) | mma.sync (Gluon) | fused GEMM (Triton) | dequantize + cuBLAS |")
-    print("|---|---|---|---|---|---|---|")
+    print("| format | M | bf16 | GEMV (CUDA cores) | mma.sync (Gluon) | wgmma (Gluon, Hopper) | fused GEMM (Triton) | "
+          "dequantize + cuBLAS |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
     for name in ("INT4 g128", "NF4 g64"):
         for m in sorted({2, 3, 8, *args.ms}):
             bf, _ = bench_bf16(out_f, in_f, m)
             cells = []
-            for path in (ops.GEMV, ops.MMA, ops.GEMM, ops.DEQUANT):
-                if path == ops.GEMV and m > 16 or path == ops.MMA and m > 512 or path == ops.GEMM and m == 1:
+            for path in (ops.GEMV, ops.MMA, ops.WGMMA, ops.GEMM, ops.DEQUANT):
+                skip = path == ops.GEMV and m > 16 or path == ops.MMA and m > 512 or path == ops.GEMM and m == 1
+                if skip or path == ops.WGMMA and (m < 16 or not gluon_wgmma.supported(torch.device("cuda"))):
                     cells.append("-")
                     continue
                 us, _ = bench_loquant(out_f, in_f, FORMATS[name], m, path=path)

@@ -13,7 +13,10 @@ if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 pytest.importorskip("triton")
 
-from loquant.kernels import ops  # noqa: E402
+from loquant.kernels import gluon_wgmma, ops  # noqa: E402
+
+HOPPER = gluon_wgmma.supported(torch.device("cuda"))
+PATHS = [ops.GEMV, ops.MMA, ops.GEMM, ops.DEQUANT] + ([ops.WGMMA] if HOPPER else [])
 
 FORMATS = [WeightFormat(f, b, g) for f in ("int", "int-sym", "nf") for b in (2, 3, 4) for g in (32, 64, 128, 256, -1)]
 EXTRA = [WeightFormat("int", 4, 64, double_quant=True), WeightFormat("nf", 4, 64, double_quant=True, icq=True),
@@ -73,20 +76,20 @@ def test_every_format_and_m(fmt):
         check(q, m, torch.bfloat16)
 
 
-@pytest.mark.parametrize("path", [ops.GEMV, ops.MMA, ops.GEMM, ops.DEQUANT])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("rank,bias", [(0, False), (64, True), (5, False)])
 @pytest.mark.parametrize("fmt", [WeightFormat("int", 4, 128), WeightFormat("nf", 4, 64), WeightFormat("int-sym", 3, 32),
                                  WeightFormat("int", 2, 64)], ids=lambda f: f.describe().replace(" ", "-"))  # fmt: skip
 def test_paths_correction_bias(fmt, rank, bias, path):
     q = layer(fmt, 328, 1024, rank=rank, bias=bias, seed=rank)
-    for m in (1, 5, 33):
+    for m in (1, 5, 33, 200):
         check(q, m, torch.bfloat16, path=path)
 
 
 F16 = [WeightFormat("int", 4, 128), WeightFormat("nf", 3, 64), WeightFormat("int-sym", 2, 128)]
 
 
-@pytest.mark.parametrize("path", [ops.GEMV, ops.MMA, ops.GEMM, ops.DEQUANT])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("fmt", F16,
                          ids=lambda f: f.describe().replace(" ", "-"))  # fmt: skip
 def test_float16(fmt, path):
@@ -118,6 +121,28 @@ def test_split_k_and_configs():
             check(q, 70, torch.float16, path=ops.MMA)
         finally:
             ops.OVERRIDE.clear()
+
+
+@pytest.mark.skipif(not HOPPER, reason="wgmma needs a Hopper GPU")
+def test_wgmma_configs():
+    """Every tile shape the wgmma kernel is given, on x rows that do not fill the last tile."""
+    q = layer(WeightFormat("int", 4, 64), 328, 2048, rank=8, bias=True, seed=2)
+    for cfg in ({"BM": 64, "WG": 2, "RN": 1, "STAGES": 4}, {"BM": 128, "WG": 2, "RN": 1, "STAGES": 3},
+                {"BM": 256, "WG": 2, "RN": 1, "STAGES": 2},
+                {"BM": 256, "WG": 1, "RN": 1, "STAGES": 2}, {"BM": 128, "WG": 1, "RN": 2, "STAGES": 3},
+                {"BM": 64, "WG": 2, "RN": 2, "STAGES": 4}):  # fmt: skip
+        ops.OVERRIDE["wgmma"] = cfg
+        try:
+            check(q, 300, torch.bfloat16, path=ops.WGMMA)
+            check(q, 40, torch.float16, path=ops.WGMMA)
+        finally:
+            ops.OVERRIDE.clear()
+
+
+def test_wgmma_x_order_is_a_permutation():
+    for bits in (2, 3, 4):
+        order = gluon_wgmma.x_order(bits, 128, torch.device("cpu"))
+        assert sorted(order.tolist()) == list(range(128))
 
 
 @pytest.mark.parametrize("path", [ops.GEMV, ops.MMA])
@@ -175,6 +200,12 @@ def test_path_choice():
     assert ops.pick_path(16, 2, 4, 4128, 32) == ops.DEQUANT
     assert ops.pick_path(16, 0, 4, 4096, 16 * 3) == ops.GEMM  # a thread's 32 codes would straddle groups
     assert ops.pick_path(65, 0, 4, 4096, 128) == ops.DEQUANT
+    assert ops.pick_path(64, 0, 4, 4096, 128, n=11008, wgmma_sms=132) == ops.WGMMA
+    assert ops.pick_path(1024, 2, 3, 4096, 128, n=11008, wgmma_sms=132) == ops.WGMMA
+    assert ops.pick_path(1025, 0, 4, 4096, 128, n=11008, wgmma_sms=132) == ops.DEQUANT
+    assert ops.pick_path(16, 0, 4, 4096, 128, n=11008, wgmma_sms=132) == ops.MMA
+    assert ops.pick_path(64, 0, 4, 4096, 128, n=4096, wgmma_sms=132) == ops.MMA  # 32 tiles: too few for 132 SMs
+    assert ops.pick_path(512, 0, 4, 4128, 32, n=11008, wgmma_sms=132) == ops.DEQUANT  # K not whole 128-code steps
 
 
 def test_batched_input_and_cache_invalidation():
@@ -250,11 +281,12 @@ def test_epilogue_waits_for_xa(path, m, monkeypatch):
     assert ((y.float() - ref).norm() / ref.norm()).item() < 1e-2
 
 
-@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("m", [1, 16, 200])
 def test_in_a_cuda_graph(m):
-    """Decode servers replay captured graphs: the GEMV (M = 1) and the split-K mma kernel
-    (M = 16, its per-tile tickets must work on every replay) with a correction and bias.
-    x·Aᵀ and the main kernel run back to back here, as a programmatic dependent launch."""
+    """Decode servers replay captured graphs: the GEMV (M = 1), the split-K mma kernel
+    (M = 16, its per-tile tickets must work on every replay) and on Hopper the wgmma kernel
+    (M = 200: x's gather and its TMA descriptor inside the graph), with a correction and
+    bias. x·Aᵀ and the main kernel run back to back here, as a programmatic dependent launch."""
     q = layer(WeightFormat("int", 4, 128), 4100, 4096, rank=64, bias=True, seed=7)
     x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():

@@ -121,16 +121,13 @@ def _load(wrow, ow, prow, rq_p, xrow, kx, kb, wb, i, s_ptr, z_ptr, G: gl.constex
 
 
 @gluon.jit
-def _step(acc, w0, w1, w2, sc, zz, xv, xrow, kx, k, sh, book_ptr, ONE, NEG, BITS: gl.constexpr, FMT: gl.constexpr,
-          HAS_Z: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr, NU: gl.constexpr,
-          T: gl.constexpr, HALF: gl.constexpr, CS: gl.constexpr, XPRE: gl.constexpr, PAIRS: gl.constexpr,
-          DEC: gl.constexpr, PACK: gl.constexpr, L4: gl.constexpr, LA: gl.constexpr, LB: gl.constexpr,
-          x_ptr, MAGV: gl.constexpr):  # fmt: skip
-    """Decode one step's codes into A fragments, x into B fragments, and accumulate (x_ptr
-    gives x's dtype)."""
-    xdt: gl.constexpr = x_ptr.dtype.element_ty
-    if not XPRE:
-        xv = gl.load(xrow + k // 2 + kx)
+def _decode(w0, w1, w2, sc, zz, sh, book_ptr, ONE, NEG, BITS: gl.constexpr, FMT: gl.constexpr,
+            HAS_Z: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, NU: gl.constexpr, T: gl.constexpr,
+            HALF: gl.constexpr, CS: gl.constexpr, PAIRS: gl.constexpr, DEC: gl.constexpr, PACK: gl.constexpr,
+            L4: gl.constexpr, dt_ptr, MAGV: gl.constexpr):  # fmt: skip
+    """One step's words and group parameters -> the (BN, BK) weight tile in dt_ptr's dtype,
+    logical K order (module docstring), laid out as the mma A fragments."""
+    xdt: gl.constexpr = dt_ptr.dtype.element_ty
     if PAIRS:  # codes s and s + CPU/2 of a word -> one 16-bit pair: shift, mask, two HFMA2
         # w = (v - n) · s + r with v = MAGIC + code: v - n is an integer, exact in 16 bits
         P2 = gl.inline_asm_elementwise(PACK, "=r,h", [sc.to(xdt)], dtype=gl.int32, is_pure=True, pack=1)
@@ -156,7 +153,7 @@ def _step(acc, w0, w1, w2, sc, zz, xv, xrow, kx, k, sh, book_ptr, ONE, NEG, BITS
         # pack=2 over a trailing pair dim: the asm's one 32-bit result is both halves, in place
         w = gl.inline_asm_elementwise(DEC, "=r" + ",r" * 12, [gl.join(v, v), gl.join(shp, shp), gl.join(p2, p2),
                                       gl.join(q2, q2), gl.join(one, one), gl.join(neg, neg)],
-                                      dtype=x_ptr.dtype.element_ty, is_pure=True, pack=2)  # fmt: skip
+                                      dtype=dt_ptr.dtype.element_ty, is_pure=True, pack=2)  # fmt: skip
     else:
         f = _values(w0, w1, w2, sh, book_ptr, ONE, BITS, FMT)
         P = sc.to(gl.float32)
@@ -174,7 +171,21 @@ def _step(acc, w0, w1, w2, sc, zz, xv, xrow, kx, k, sh, book_ptr, ONE, NEG, BITS
         w = (f * _expand(P, 2, 3) + _expand(Q, 2, 3)).to(xdt)
         w = gl.permute(gl.reshape(w, [BN, 4, NU, 2, HALF]), [0, 1, 2, 4, 3])
     # (row, q, pair, e) with pair = 2t + h -> logical K = 16t + 8h + 2q + e
-    a = gl.reshape(gl.permute(gl.reshape(w, [BN, 4, T, 2, 2]), [0, 2, 3, 1, 4]), [BN, BK])
+    return gl.reshape(gl.permute(gl.reshape(w, [BN, 4, T, 2, 2]), [0, 2, 3, 1, 4]), [BN, BK])
+
+
+@gluon.jit
+def _step(acc, w0, w1, w2, sc, zz, xv, xrow, kx, k, sh, book_ptr, ONE, NEG, BITS: gl.constexpr, FMT: gl.constexpr,
+          HAS_Z: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr, NU: gl.constexpr,
+          T: gl.constexpr, HALF: gl.constexpr, CS: gl.constexpr, XPRE: gl.constexpr, PAIRS: gl.constexpr,
+          DEC: gl.constexpr, PACK: gl.constexpr, L4: gl.constexpr, LA: gl.constexpr, LB: gl.constexpr,
+          x_ptr, MAGV: gl.constexpr):  # fmt: skip
+    """Decode one step's codes into A fragments, x into B fragments, and accumulate (x_ptr
+    gives x's dtype)."""
+    if not XPRE:
+        xv = gl.load(xrow + k // 2 + kx)
+    a = _decode(w0, w1, w2, sc, zz, sh, book_ptr, ONE, NEG, BITS, FMT, HAS_Z, BN, BK, NU, T, HALF, CS, PAIRS, DEC,
+                PACK, L4, x_ptr, MAGV)  # fmt: skip
     # x words (unit u, half e, word j) hold values 2j, 2j+1 of half e; B pairs are
     # (value s of half 0, value s of half 1): PRMT 0x5410 (low halves), 0x7632 (high)
     xa_, xb_ = gl.split(gl.permute(gl.reshape(xv, [BM, 4, NU, 2, HALF // 2]), [0, 1, 2, 4, 3]))

@@ -11,17 +11,22 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from loquant.kernels import gluon_gemv, gluon_mma, split_k, units
+from loquant.kernels import gluon_gemv, gluon_mma, gluon_wgmma, split_k, units
 from loquant.kernels.triton_qmm import _dequant_kernel, _gemm_kernel
 
-GEMV, GEMM, DEQUANT, MMA = 1, 2, 3, 4
+GEMV, GEMM, DEQUANT, MMA, WGMMA = 1, 2, 3, 4, 5
 # Path by M, from the H100 measurements in BENCHMARKS.md (11008 x 4096): the Gluon GEMV up
-# to GEMV_MAX_M rows; the Gluon mma.sync kernel up to MMA_MAX_M (where K is whole 128-code
-# steps; it beat the GEMV from M = 3 and dequantize + cuBLAS up to M = 64); the plain-Triton
-# fused tensor-core kernel for int / int-sym up to GEMM_MAX_M where the mma kernel cannot
-# run; above, the weight is dequantized into a temporary 16-bit matrix that cuBLAS multiplies.
+# to GEMV_MAX_M rows; on Hopper the Gluon wgmma kernel from WGMMA_MIN_M to WGMMA_MAX_M rows
+# where its tiles fill the GPU (gluon_wgmma.fills; it beat the mma kernel from M = 32 and
+# dequantize + cuBLAS up to M = 1024 there); the Gluon
+# mma.sync kernel up to MMA_MAX_M (where K is whole 128-code steps; before Hopper it beat
+# dequantize + cuBLAS up to M = 64); the plain-Triton fused tensor-core kernel for int /
+# int-sym up to GEMM_MAX_M where neither can run; above, the weight is dequantized into a
+# temporary 16-bit matrix that cuBLAS multiplies.
 GEMV_MAX_M = 2
 MMA_MAX_M = 64
+WGMMA_MIN_M = 33
+WGMMA_MAX_M = 1024
 GEMV_FALLBACK_M = 8  # where the mma kernel cannot run, the GEMV still beat the fused GEMM to M = 8
 GEMM_MAX_M = 16
 # For tests and the benchmark: {"gemv": gluon_gemv config keys, "mma": {...}, "gemm": {...}}.
@@ -96,6 +101,14 @@ def _run_mma(x2, qweight, scales, offsets, book, A, B, bias, bits, fmt, n, k, gr
                          _num_sms(x2.device.index or 0))  # fmt: skip
 
 
+def _run_wgmma(x2, qweight, scales, offsets, book, A, B, bias, bits, fmt, n, k, group):
+    if not gluon_wgmma.supported(x2.device):
+        raise ValueError("the wgmma kernel needs a Hopper GPU (compute capability 9.x)")
+    sms = _num_sms(x2.device.index or 0)
+    cfg = gluon_wgmma.wgmma_config(x2.shape[0], bits, n, k, group, sms) | OVERRIDE.get("wgmma", {})
+    return gluon_wgmma.wgmma(x2, qweight, scales, offsets, book, A, B, bias, bits, fmt, n, k, group, cfg)
+
+
 def dequantize(qweight, scales, offsets, book, bits: int, fmt: int, n: int, k: int, group: int, dtype):
     """deq(W) (n x k) in dtype, written by one Triton kernel."""
     q, z, bk, ku, rw, has_z = _common(None, qweight, scales, offsets, book, bits, fmt, k)
@@ -107,10 +120,14 @@ def dequantize(qweight, scales, offsets, book, bits: int, fmt: int, n: int, k: i
     return w
 
 
-def pick_path(m: int, fmt: int, bits: int, k: int, group: int) -> int:
+def pick_path(m: int, fmt: int, bits: int, k: int, group: int, n: int = 0, wgmma_sms: int = 0) -> int:
+    """wgmma_sms: the GPU's SM count where the wgmma kernel can run (Hopper), else 0."""
     if m <= GEMV_MAX_M:
         return GEMV
-    if m <= MMA_MAX_M and gluon_mma.fits(bits, k, group):
+    fits = gluon_mma.fits(bits, k, group)
+    if wgmma_sms and fits and WGMMA_MIN_M <= m <= WGMMA_MAX_M and gluon_wgmma.fills(m, n, wgmma_sms):
+        return WGMMA
+    if m <= MMA_MAX_M and fits:
         return MMA
     if m <= GEMV_FALLBACK_M:
         return GEMV
@@ -138,9 +155,12 @@ def qmm(
 
     qweight: loquant's packed uint8 codes; scales / offsets (icq shifts for nf): (n x groups)
     fp16 or fp32; book: the nf code book (fp32); the correction's A (r x k) and B (n x r) in
-    x's dtype; path 0 picks GEMV / mma / fused GEMM / dequantize+cuBLAS from M and the shape.
+    x's dtype; path 0 picks GEMV / wgmma / mma / fused GEMM / dequantize+cuBLAS from M, the
+    shape and the GPU.
     """
-    path = path or pick_path(x.shape[0], fmt, bits, k, group)
+    if not path:
+        sms = _num_sms(x.device.index or 0) if gluon_wgmma.supported(x.device) else 0
+        path = pick_path(x.shape[0], fmt, bits, k, group, n, sms)
     args = (x, qweight, scales, offsets, book, A, B, bias, bits, fmt, n, k, group)
     if path == GEMV:
         return _run_gemv(*args)
@@ -148,6 +168,8 @@ def qmm(
         return _run_gemm(*args)
     if path == MMA:
         return _run_mma(*args)
+    if path == WGMMA:
+        return _run_wgmma(*args)
     w = dequantize(qweight, scales, offsets, book, bits, fmt, n, k, group, x.dtype)
     y = F.linear(x, w, bias)
     if B is not None:
