@@ -291,6 +291,25 @@ def _pair(value: float, dtype: torch.dtype) -> int:
     return v - (1 << 32) if v >= 1 << 31 else v
 
 
+def decode_args(bits: int, fmt: int, dtype: torch.dtype) -> dict:
+    """The runtime and constexpr arguments of `_decode` for codes of bits / fmt and x's dtype:
+    ONE and NEG (pair constants), PAIRS, the DEC and PACK asm, MAGV."""
+    pairs = fmt != 2 and bits != 3
+    half = "bf16x2" if dtype == torch.bfloat16 else "f16x2"
+    magic = 128.0 if dtype == torch.bfloat16 else 1024.0  # its ulp is 1: magic + code is exact
+    neg = -(magic + (2 ** (bits - 1) if fmt == 1 else 0))
+    pmask, magic2 = ((1 << bits) - 1) * 0x10001, _pair(magic, dtype) & 0xFFFFFFFF  # (v & pmask) | magic2: 0xea
+    return {
+        "ONE": _pair(1.0, dtype) if pairs else _ONE,
+        "NEG": _pair(neg, dtype),
+        "PAIRS": pairs,
+        "DEC": f"{{ .reg .b32 t; shr.u32 t, $1, $3; lop3.b32 t, t, {pmask}, {magic2}, 0xea; "
+        f"fma.rn.{half} t, t, $9, $11; fma.rn.{half} $0, t, $5, $7; }}",
+        "PACK": "mov.b32 $0, {$1, $1};",
+        "MAGV": magic,
+    }
+
+
 def mma_config(m: int, bits: int, n: int, k: int, group: int) -> dict:
     """x rows per CTA, codes per K step, warps (16 weight rows each), 16-row slabs per warp,
     K splits (0: chosen at launch). The best of the H100 sweeps at 11008 x 4096, M = 16 and 64
@@ -334,12 +353,9 @@ def mma(x2, qweight, scales, offsets, book, A, B, bias, bits: int, fmt: int, n: 
     else:
         ws = cnt = y
     r = B.shape[1] if B is not None else 0
-    pairs = fmt != 2 and bits != 3
+    dec = decode_args(bits, fmt, x2.dtype)
+    pairs = dec["PAIRS"]
     L4, LX3, MMA = _layouts(bits, bm, bk, wn, rn, pairs)
-    half = "bf16x2" if x2.dtype == torch.bfloat16 else "f16x2"
-    magic = 128.0 if x2.dtype == torch.bfloat16 else 1024.0  # its ulp is 1: magic + code is exact
-    neg = -(magic + (2 ** (bits - 1) if fmt == 1 else 0))
-    pmask, magic2 = ((1 << bits) - 1) * 0x10001, _pair(magic, x2.dtype) & 0xFFFFFFFF  # (v & pmask) | magic2: 0xea
     # asymmetric int at 2 and 4 bits: ptxas takes ~186 registers, 2 CTAs per SM; capped at 168
     # (3 CTAs, no spills in the sm_90 compile) it runs faster (BENCHMARKS.md)
     maxnreg = cfg.get("MAXNREG", 168 if pairs and fmt == 0 and bm <= 16 and wn == 4 else None)
@@ -351,12 +367,8 @@ def mma(x2, qweight, scales, offsets, book, A, B, bias, bits: int, fmt: int, n: 
         book if book is not None else scales, xa if xa is not None else x2, B if B is not None else x2,
         bias if bias is not None else x2, y, ws, cnt, m, n, k, k * bits // 32, scales.shape[1], r, k_split,
         k_split // units(bits)[0] * units(bits)[1],
-        x2.stride(0), xa.stride(0) if xa is not None else 0, y.stride(0), _pair(1.0, x2.dtype) if pairs else _ONE,
-        _pair(neg, x2.dtype), G=group, BITS=bits, FMT=fmt,
+        x2.stride(0), xa.stride(0) if xa is not None else 0, y.stride(0), G=group, BITS=bits, FMT=fmt,
         HAS_Z=offsets is not None, HAS_CORR=B is not None, HAS_BIAS=bias is not None, BM=bm, BK=bk, WN=wn,
-        RN=rn, SPLIT=split, RP=max(16, triton.next_power_of_2(max(r, 1))), L4=L4, LX3=LX3, MMA=MMA, PAIRS=pairs,
-        DEC=f"{{ .reg .b32 t; shr.u32 t, $1, $3; lop3.b32 t, t, {pmask}, {magic2}, 0xea; "
-        f"fma.rn.{half} t, t, $9, $11; fma.rn.{half} $0, t, $5, $7; }}",
-        PACK="mov.b32 $0, {$1, $1};", XPRE=cfg.get("XPRE", bm <= 32), MAGV=magic, PDL=pdl, launch_pdl=pdl,
-        num_warps=wn, **extra)  # fmt: skip
+        RN=rn, SPLIT=split, RP=max(16, triton.next_power_of_2(max(r, 1))), L4=L4, LX3=LX3, MMA=MMA,
+        XPRE=cfg.get("XPRE", bm <= 32), PDL=pdl, launch_pdl=pdl, num_warps=wn, **dec, **extra)  # fmt: skip
     return y

@@ -1,18 +1,18 @@
 """Hopper tensor-core kernel in Gluon for large M: y = x · deq(W)ᵀ (+ xa · Bᵀ + bias).
 
-The weight is the register (A) operand of wgmma, decoded by gluon_mma's `_decode` straight
-from loquant's packed layout into the A fragments (64 weight rows per warpgroup
-instruction, as mma.sync's 16 per warp); x is the shared-memory (B) operand, brought in by
-TMA into a ring of STAGES buffers. wgmma runs asynchronously: the decode of step i + 1 (CUDA
-cores) overlaps the wgmma of step i (tensor cores), and `warpgroup_mma_wait(1)` frees the x
-buffer of step i - 1 for the TMA load STAGES - 1 steps ahead.
+The weight is wgmma's A operand: gluon_mma's `_decode` turns each 128-code step of the packed
+layout into a (weight rows x 128) tile, stored into one of two shared-memory buffers (not
+passed in registers: the ptxas bundled with triton 3.6 can reuse an asynchronous wgmma's
+input registers before it has read them). x is the B operand, brought in by TMA into a ring
+of STAGES buffers. wgmma runs asynchronously: the decode of step i + 1 (CUDA cores) overlaps
+the wgmma of step i (tensor cores), and `warpgroup_mma_wait(1)` retires step i - 1, freeing
+its W buffer and its x buffer (for the TMA load STAGES - 1 steps ahead).
 
-The decode fills the fragments in a permuted K order (gluon_mma's docstring): shared memory
-must hold x in that order too, so x is gathered once per call into the logical order of each
-BK-code step (`x_order`): M·K values, against the weight's N·K codes.
+The decode produces K in gluon_mma's permuted order (its docstring), so x is gathered once per
+call into that order, step by step (`x_order`): M·K values, against the weight's N·K codes.
 
-One warpgroup per CTA, 64·RN weight rows by BM x rows; the grid walks x tiles fastest, so the
-CTAs running together share weight tiles (each weight word is read from DRAM about once).
+WG warpgroups per CTA, 64·RN weight rows each, by BM x rows; the grid walks x tiles fastest,
+so the CTAs running together share weight tiles (each weight word is read from DRAM about once).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from loquant.kernels import units
-from loquant.kernels.gluon_mma import _decode, _layouts, _load, _pair, fits
+from loquant.kernels.gluon_mma import _decode, _layouts, _load, decode_args, fits
 
 BK = 128  # codes per step: gluon_mma's decode layout (a thread's 32 codes of a row per step)
 
@@ -192,28 +192,18 @@ def wgmma(x2, qweight, scales, offsets, book, A, B, bias, bits: int, fmt: int, n
     xp = x2.view(m, k // BK, BK).index_select(2, x_order(bits, BK, x2.device)).view(m, k)
     gdt = gl.bfloat16 if x2.dtype == torch.bfloat16 else gl.float16
     desc = TensorDescriptor.from_tensor(xp, [bm, BK], gl.NVMMASharedLayout.get_default_for([bm, BK], gdt))
-    pairs = fmt != 2 and bits != 3
-    L4, _, _ = _layouts(bits, bm, BK, 4 * wg, rn, pairs)
+    dec = decode_args(bits, fmt, x2.dtype)
+    L4, _, _ = _layouts(bits, bm, BK, 4 * wg, rn, dec["PAIRS"])
     mma = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4 * wg, 1], instr_shape=[16, bm, 16])
     out = gl.BlockedLayout([8, 1], [16, 2], [1, 4 * wg], [0, 1])
     y = x2.new_empty(m, n)
     xa = F.linear(x2, A) if A is not None else None
     r = B.shape[1] if B is not None else 0
-    half = "bf16x2" if x2.dtype == torch.bfloat16 else "f16x2"
-    magic = 128.0 if x2.dtype == torch.bfloat16 else 1024.0
-    neg = -(magic + (2 ** (bits - 1) if fmt == 1 else 0))
-    pmask, magic2 = ((1 << bits) - 1) * 0x10001, _pair(magic, x2.dtype) & 0xFFFFFFFF
-    from loquant.kernels.gluon_gemv import _ONE
-
     _wgmma_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
         desc, qweight.view(torch.int32), scales, offsets if offsets is not None else scales,
         book if book is not None else scales, xa if xa is not None else x2, B if B is not None else x2,
         bias if bias is not None else x2, y, m, n, k, k * bits // 32, scales.shape[1], r,
-        xa.stride(0) if xa is not None else 0, y.stride(0), _pair(1.0, x2.dtype) if pairs else _ONE,
-        _pair(neg, x2.dtype), G=group, BITS=bits, FMT=fmt, HAS_Z=offsets is not None, HAS_CORR=B is not None,
-        HAS_BIAS=bias is not None, BM=bm, BK=BK, WG=wg, RN=rn, STAGES=stages,
-        RP=max(16, triton.next_power_of_2(max(r, 1))), L4=L4, MMA=mma, OUT=out, PAIRS=pairs,
-        DEC=f"{{ .reg .b32 t; shr.u32 t, $1, $3; lop3.b32 t, t, {pmask}, {magic2}, 0xea; "
-        f"fma.rn.{half} t, t, $9, $11; fma.rn.{half} $0, t, $5, $7; }}",
-        PACK="mov.b32 $0, {$1, $1};", MAGV=magic, num_warps=4 * wg)  # fmt: skip
+        xa.stride(0) if xa is not None else 0, y.stride(0), G=group, BITS=bits, FMT=fmt, HAS_Z=offsets is not None,
+        HAS_CORR=B is not None, HAS_BIAS=bias is not None, BM=bm, BK=BK, WG=wg, RN=rn, STAGES=stages,
+        RP=max(16, triton.next_power_of_2(max(r, 1))), L4=L4, MMA=mma, OUT=out, num_warps=4 * wg, **dec)  # fmt: skip
     return y
