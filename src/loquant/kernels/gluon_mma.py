@@ -99,6 +99,28 @@ def _finish(acc, xa_ptr, b_ptr, bias_ptr, y_ptr, n0, m0, M, N, R, stride_xam, st
 
 
 @gluon.jit
+def _weight_index(q_ptr, n0, N, RW, NG, BN: gl.constexpr, NU: gl.constexpr, WPU: gl.constexpr,
+                  CPU: gl.constexpr, HALF: gl.constexpr, PAIRS: gl.constexpr, L4: gl.constexpr):  # fmt: skip
+    """The code layout's indices for weight rows n0.. (rows past N read row N - 1): row
+    pointers and each thread's first word (wrow + ow, contiguous in the unit dim: vector
+    loads), group-parameter row offsets and the thread's quarter (prow, rq_p), and the code
+    positions of a word (sh: pair slots with PAIRS)."""
+    LW: gl.constexpr = gl.SliceLayout(3, L4)  # (BN, 4, NU) words
+    LP: gl.constexpr = gl.SliceLayout(2, LW)  # (BN, 4) group parameters
+    rn = _expand(gl.arange(0, BN, layout=gl.SliceLayout(1, LP)), 1, 2)
+    rq = _expand(gl.arange(0, 4, layout=gl.SliceLayout(0, LP)), 0, 2)
+    ru = _expand(gl.arange(0, NU, layout=gl.SliceLayout(0, gl.SliceLayout(1, LW))), 0, 1)
+    ow = (rq * NU + ru) * WPU
+    wrow = q_ptr + gl.minimum(n0 + rn, N - 1) * RW
+    rn_p = gl.expand_dims(gl.arange(0, BN, layout=gl.SliceLayout(1, LP)), 1)
+    rq_p = gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, LP)), 0)
+    prow = gl.minimum(n0 + rn_p, N - 1) * NG
+    LS: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, L4)))
+    sh = _expand(gl.expand_dims(gl.arange(0, HALF if PAIRS else CPU, layout=LS), 0), 1, 2)
+    return wrow, ow, prow, rq_p, sh
+
+
+@gluon.jit
 def _load(wrow, ow, prow, rq_p, xrow, kx, kb, wb, i, s_ptr, z_ptr, G: gl.constexpr, BITS: gl.constexpr,
           HAS_Z: gl.constexpr, XPRE: gl.constexpr, BK: gl.constexpr, BKW: gl.constexpr, C: gl.constexpr):  # fmt: skip
     """Step i's words, group parameters and (XPRE) x words."""
@@ -225,20 +247,9 @@ def _mma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, book_ptr, xa_ptr, b_ptr, bias_ptr, y
     wb = gl.program_id(2) * w_split  # its first word in a row (w_split: aligned, for vector loads)
     steps = (gl.minimum(K, kb + k_split) - kb) // BK
 
-    LW: gl.constexpr = gl.SliceLayout(3, L4)  # (BN, 4, NU) words
-    LP: gl.constexpr = gl.SliceLayout(2, LW)  # (BN, 4) group parameters
-    rn = _expand(gl.arange(0, BN, layout=gl.SliceLayout(1, LP)), 1, 2)
-    rq = _expand(gl.arange(0, 4, layout=gl.SliceLayout(0, LP)), 0, 2)
-    ru = _expand(gl.arange(0, NU, layout=gl.SliceLayout(0, gl.SliceLayout(1, LW))), 0, 1)
-    ow = (rq * NU + ru) * WPU  # its first word (contiguous in ru: vector loads)
     # rows past N and x rows past M read the last row instead (no masks, no zero fills in the
     # loop); their results are never stored
-    wrow = q_ptr + gl.minimum(n0 + rn, N - 1) * RW
-    rn_p = gl.expand_dims(gl.arange(0, BN, layout=gl.SliceLayout(1, LP)), 1)
-    rq_p = gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, LP)), 0)
-    prow = gl.minimum(n0 + rn_p, N - 1) * NG
-    LS: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, L4)))
-    sh = _expand(gl.expand_dims(gl.arange(0, HALF if PAIRS else CPU, layout=LS), 0), 1, 2)
+    wrow, ow, prow, rq_p, sh = _weight_index(q_ptr, n0, N, RW, NG, BN, NU, WPU, CPU, HALF, PAIRS, L4)
     rm_x = _expand(gl.arange(0, BM, layout=gl.SliceLayout(1, gl.SliceLayout(2, LX3))), 1, 2)
     rq_x = _expand(gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, LX3))), 0, 2)
     ri_x = _expand(gl.arange(0, C // 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, LX3))), 0, 1)

@@ -34,7 +34,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from loquant.kernels import units
-from loquant.kernels.gluon_mma import _decode, _layouts, _load, decode_args, fits
+from loquant.kernels.gluon_mma import _decode, _layouts, _load, _weight_index, decode_args, fits
 
 BK = 128  # codes per step: gluon_mma's decode layout (a thread's 32 codes of a row per step)
 
@@ -73,18 +73,8 @@ def _wgmma_kernel(x_desc, q_ptr, s_ptr, z_ptr, book_ptr, xa_ptr, b_ptr, bias_ptr
     steps = K // BK
     gl.assume(steps > 0)  # no zero-trip path around the loop: ptxas then keeps the wgmmas asynchronous
 
-    LW: gl.constexpr = gl.SliceLayout(3, L4)  # (BN, 4, NU) words
-    LP: gl.constexpr = gl.SliceLayout(2, LW)  # (BN, 4) group parameters
-    rn = gl.expand_dims(gl.expand_dims(gl.arange(0, BN, layout=gl.SliceLayout(1, LP)), 1), 2)
-    rq = gl.expand_dims(gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, LP)), 0), 2)
-    ru = gl.expand_dims(gl.expand_dims(gl.arange(0, NU, layout=gl.SliceLayout(0, gl.SliceLayout(1, LW))), 0), 1)
-    ow = (rq * NU + ru) * WPU
-    wrow = q_ptr + gl.minimum(n0 + rn, N - 1) * RW  # rows past N read the last row; never stored
-    rn_p = gl.expand_dims(gl.arange(0, BN, layout=gl.SliceLayout(1, LP)), 1)
-    rq_p = gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, LP)), 0)
-    prow = gl.minimum(n0 + rn_p, N - 1) * NG
-    LS: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, L4)))
-    sh = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.arange(0, HALF if PAIRS else CPU, layout=LS), 0), 1), 2)
+    # rows past N read the last row; their results are never stored
+    wrow, ow, prow, rq_p, sh = _weight_index(q_ptr, n0, N, RW, NG, BN, NU, WPU, CPU, HALF, PAIRS, L4)
     LA: gl.constexpr = gl.DotOperandLayout(0, MMA, 2)
 
     xs = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BM, BK], x_desc.layout)
@@ -146,7 +136,7 @@ def _wgmma_kernel(x_desc, q_ptr, s_ptr, z_ptr, book_ptr, xa_ptr, b_ptr, bias_ptr
     gl.store(y_ptr + (m0 + rm_y) * stride_ym + n0 + rn_y, out, mask=(m0 + rm_y < M) & (n0 + rn_y < N))
 
 
-def wgmma_config(m: int, bits: int, n: int, k: int, group: int, sms: int) -> dict:
+def wgmma_config(m: int, n: int, sms: int) -> dict:
     """x rows per CTA (BM), warpgroups per CTA (WG), 64-row weight slabs per warpgroup (RN),
     x buffers in the TMA ring (STAGES): the best of the H100 sweep at 11008 x 4096
     (BENCHMARKS.md). Every shape here runs one CTA per SM, so for BM = 256 the tile count
@@ -169,7 +159,7 @@ def fills(m: int, n: int, sms: int) -> bool:
     """Whether the kernel's tiles (no K split) keep the GPU busy: at least 0.6 CTAs per SM.
     On the H100 at M = 64 it beat the mma kernel (which splits K) with 86 tiles (11008 rows:
     36 against 62 µs) and lost with 64 or fewer (4096 rows: 28.5 against 23.1 µs)."""
-    cfg = wgmma_config(m, 0, n, 0, 0, sms)
+    cfg = wgmma_config(m, n, sms)
     return triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, 64 * cfg["WG"] * cfg["RN"]) >= 0.6 * sms
 
 

@@ -105,7 +105,7 @@ def _run_wgmma(x2, qweight, scales, offsets, book, A, B, bias, bits, fmt, n, k, 
     if not gluon_wgmma.supported(x2.device):
         raise ValueError("the wgmma kernel needs a Hopper GPU (compute capability 9.x)")
     sms = _num_sms(x2.device.index or 0)
-    cfg = gluon_wgmma.wgmma_config(x2.shape[0], bits, n, k, group, sms) | OVERRIDE.get("wgmma", {})
+    cfg = gluon_wgmma.wgmma_config(x2.shape[0], n, sms) | OVERRIDE.get("wgmma", {})
     return gluon_wgmma.wgmma(x2, qweight, scales, offsets, book, A, B, bias, bits, fmt, n, k, group, cfg)
 
 
