@@ -139,12 +139,6 @@ def test_wgmma_configs():
             ops.OVERRIDE.clear()
 
 
-def test_wgmma_x_order_is_a_permutation():
-    for bits in (2, 3, 4):
-        order = gluon_wgmma.x_order(bits, 128, torch.device("cpu"))
-        assert sorted(order.tolist()) == list(range(128))
-
-
 @pytest.mark.parametrize("path", [ops.GEMV, ops.MMA])
 def test_unaligned_input_view(path):
     """x as a view starting 2 bytes into its storage: the mma kernel reads x as int32 words."""
