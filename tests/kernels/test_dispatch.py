@@ -3,10 +3,11 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from loquant import QuantLinear, WeightFormat
-from loquant.kernels import kernel_reason, prepare
+from loquant.kernels import kernel_reason, prepare, qlinear
 
 
 def test_cpu_forward_never_imports_triton():
@@ -40,3 +41,11 @@ def test_prepare_keeps_fp16_params_and_expands_double_quant():
     dq = QuantLinear.from_weight(w, None, WeightFormat("nf", 4, 64, double_quant=True, icq=True))
     p = prepare(dq.packed(), dq.fmt, (8, 256))
     assert p["scales"].dtype == torch.float32 and p["offsets"].shape == (8, 4) and p["book"].numel() == 16
+
+
+def test_kernel_call_refuses_an_input_of_the_wrong_width():
+    """The kernels index x by the layer's K; a wrong width is refused before any launch."""
+
+    q = QuantLinear.from_weight(torch.randn(8, 256), None, WeightFormat("int", 4, 64))
+    with pytest.raises(ValueError, match="input has 255 features, the layer takes 256"):
+        qlinear(torch.randn(3, 255, dtype=torch.bfloat16), prepare(q.packed(), q.fmt, (8, 256)))

@@ -80,6 +80,8 @@ def qlinear(
     path: int = 0,
 ) -> torch.Tensor:
     """y = x · deq(W)ᵀ + (x · Aᵀ) · Bᵀ + bias on CUDA; A, B, bias already in x's dtype."""
+    if x.shape[-1] != prepared["k"]:  # the kernels index x by the layer's K: a mismatch would read out of bounds
+        raise ValueError(f"input has {x.shape[-1]} features, the layer takes {prepared['k']}")
     import loquant.kernels.ops  # noqa: F401  (imports triton, registers torch.ops.loquant.qmm)
 
     shape = x.shape
