@@ -18,18 +18,17 @@ GEMV, GEMM, DEQUANT, MMA, WGMMA = 1, 2, 3, 4, 5
 # Path by M, from the H100 measurements in BENCHMARKS.md (11008 x 4096): the Gluon GEMV up
 # to GEMV_MAX_M rows; on Hopper the Gluon wgmma kernel from WGMMA_MIN_M to WGMMA_MAX_M rows
 # where its tiles fill the GPU (gluon_wgmma.fills; it beat the mma kernel from M = 32 and
-# dequantize + cuBLAS up to M = 1024 there); the Gluon
-# mma.sync kernel up to MMA_MAX_M (where K is whole 128-code steps; before Hopper it beat
-# dequantize + cuBLAS up to M = 64); the plain-Triton fused tensor-core kernel for int /
-# int-sym up to GEMM_MAX_M where neither can run; above, the weight is dequantized into a
-# temporary 16-bit matrix that cuBLAS multiplies.
+# dequantize + cuBLAS up to M = 1024 there); the Gluon mma.sync kernel up to MMA_MAX_M (where
+# K is whole 128-code steps; before Hopper it beat dequantize + cuBLAS up to M = 64); the
+# plain-Triton fused tensor-core kernel for int / int-sym up to GEMM_MAX_M where neither can
+# run; above, the weight is dequantized into a temporary 16-bit matrix that cuBLAS multiplies.
 GEMV_MAX_M = 2
 MMA_MAX_M = 64
 WGMMA_MIN_M = 33
 WGMMA_MAX_M = 1024
 GEMV_FALLBACK_M = 8  # where the mma kernel cannot run, the GEMV still beat the fused GEMM to M = 8
 GEMM_MAX_M = 16
-# For tests and the benchmark: {"gemv": gluon_gemv config keys, "mma": {...}, "gemm": {...}}.
+# For tests and the benchmark: {"gemv": gluon_gemv config keys, "mma": {...}, "wgmma": {...}, "gemm": {...}}.
 OVERRIDE: dict[str, dict] = {}
 
 
