@@ -8,7 +8,7 @@ the 50 MB L2. Inputs are random normal (never zeros). GB/s counts the bytes each
 move: packed weight and its parameters (and correction), x, y.
 
     python bench/kernels.py                     # everything (tables in markdown)
-    python bench/kernels.py --sections target   # target, correction, paths, shapes, block, configs
+    python bench/kernels.py --sections target   # target, correction, paths, shapes, block, configs, dequant
 """
 
 from __future__ import annotations
@@ -226,6 +226,30 @@ def section_paths(args):
                 us, _ = bench_loquant(out_f, in_f, FORMATS[name], m, path=path)
                 cells.append(f"{us:.1f}")
             print(f"| {name} | {m} | {bf:.1f} | " + " | ".join(cells) + " |", flush=True)
+
+
+def section_dequant(args):
+    """The large-M path's first half alone: deq(W) written as a bf16 matrix (cuBLAS then
+    multiplies it). Bytes moved: the packed weight and its parameters read, n·k·2 written."""
+    from loquant.kernels import gluon_dequant
+
+    out_f, in_f = 11008, 4096
+    print(f"\n### Dequantize kernel alone ({out_f} × {in_f} to bf16); copy bandwidth {COPY_BW:.0f} GB/s\n")
+    print("| format | µs | bytes moved | GB/s | % of copy bandwidth |")
+    print("|---|---|---|---|---|")
+    for name, fmt in FORMATS.items():
+        base = loquant_layer(out_f, in_f, fmt)
+        moved = nbytes(*base.packed().values()) + out_f * in_f * 2
+
+        def make(base=base):
+            p = clone_layer(base)._kernel_state(DT)[0]
+            w = torch.empty(out_f, in_f, device="cuda", dtype=DT)
+            args = (p["qweight"], p["scales"], p["offsets"], p["book"], p["bits"], p["fmt"], out_f, in_f, p["group"], w)
+            return lambda: gluon_dequant.dequantize(*args)
+
+        us = timeit(rotating(make, moved))
+        gbs = moved / us / 1e3
+        print(f"| {name} | {us:.1f} | {moved / 1e6:.1f} MB | {gbs:.0f} | {100 * gbs / COPY_BW:.0f} % |", flush=True)
 
 
 def section_configs(args):

@@ -57,7 +57,6 @@ def main() -> None:
             ref += q.bias.float()
             state, A, B, bias = q._kernel_state(dtype)
             tag = str(dtype).removeprefix("torch.")
-            print(f"{name}-dequantize-{tag} {error(qlinear(x, state, A, B, bias, path=ops.DEQUANT), ref)}")
             if dtype == torch.float16:
                 for j, tile in enumerate(GEMM_TILES):
                     ops.OVERRIDE["gemm"] = dict(tile, num_warps=4, num_stages=1)

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from loquant.kernels import gluon_gemv, gluon_mma, gluon_wgmma, split_k, units
-from loquant.kernels.triton_qmm import _dequant_kernel, _gemm_kernel
+from loquant.kernels import gluon_dequant, gluon_gemv, gluon_mma, gluon_wgmma, split_k, units
+from loquant.kernels.triton_qmm import _gemm_kernel
 
 GEMV, GEMM, DEQUANT, MMA, WGMMA = 1, 2, 3, 4, 5
 # Path by M, from the H100 measurements in BENCHMARKS.md (11008 x 4096): the Gluon GEMV up
@@ -108,15 +108,23 @@ def _run_wgmma(x2, qweight, scales, offsets, book, A, B, bias, bits, fmt, n, k, 
     return gluon_wgmma.wgmma(x2, qweight, scales, offsets, book, A, B, bias, bits, fmt, n, k, group, cfg)
 
 
-def dequantize(qweight, scales, offsets, book, bits: int, fmt: int, n: int, k: int, group: int, dtype):
-    """deq(W) (n x k) in dtype, written by one Triton kernel."""
-    q, z, bk, ku, rw, has_z = _common(None, qweight, scales, offsets, book, bits, fmt, k)
-    w = torch.empty(n, k, device=qweight.device, dtype=dtype)
-    bn, j = 32, 32
-    _dequant_kernel[(triton.cdiv(n, bn), triton.cdiv(ku, j))](
-        q, scales, z, bk, w, n, k, ku, rw, scales.shape[1], group, BITS=bits, FMT=fmt, HAS_Z=has_z, BN=bn, J=j,
-        num_warps=4)  # fmt: skip
-    return w
+def _run_dequant(x2, qweight, scales, offsets, book, A, B, bias, bits, fmt, n, k, group):
+    """deq(W) into a temporary matrix that one cuBLAS GEMM multiplies. A correction rides in
+    the same GEMM, [x | x·Aᵀ] · [deq(W) | B]ᵀ, K grown by the rank (zero-padded to 8 for
+    aligned rows): a second GEMM and an add would write y once more and read it twice."""
+    r = B.shape[1] if B is not None else 0
+    kc = k + -(-r // 8) * 8
+    w = x2.new_empty(n, kc)
+    gluon_dequant.dequantize(qweight, scales, offsets, book, bits, fmt, n, k, group, w[:, :k])
+    if not r:
+        return F.linear(x2, w, bias)
+    w[:, k : k + r] = B
+    w[:, k + r :] = 0
+    xc = x2.new_empty(x2.shape[0], kc)
+    xc[:, :k] = x2
+    xc[:, k : k + r] = F.linear(x2, A)
+    xc[:, k + r :] = 0
+    return F.linear(xc, w, bias)
 
 
 def pick_path(m: int, fmt: int, bits: int, k: int, group: int, n: int = 0, wgmma_sms: int = 0) -> int:
@@ -169,11 +177,7 @@ def qmm(
         return _run_mma(*args)
     if path == WGMMA:
         return _run_wgmma(*args)
-    w = dequantize(qweight, scales, offsets, book, bits, fmt, n, k, group, x.dtype)
-    y = F.linear(x, w, bias)
-    if B is not None:
-        y = y + F.linear(F.linear(x, A), B)
-    return y
+    return _run_dequant(*args)
 
 
 @qmm.register_fake

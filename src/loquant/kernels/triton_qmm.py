@@ -13,10 +13,10 @@ Every format is written as w = f(c) · P + Q with per-(row, group) P, Q:
   nf       f = book[c] (a 2^b-entry table, L1-resident), P = scale, Q = icq shift or 0.
 Kernels walk K in units. A unit never straddles a group (group % codes-per-unit == 0).
 
-The small-M GEMV (CUDA cores) is in gluon_gemv.py: it needs explicit layouts.
+The other kernels are in Gluon (explicit layouts): gluon_gemv.py (small M, CUDA cores),
+gluon_mma.py and gluon_wgmma.py (tensor cores), gluon_dequant.py (deq(W) for cuBLAS).
 _gemm_kernel (tensor cores): the (rows x units x codes) tile is decoded in column order,
   W = f·P + Q rounded to x's dtype, and one tl.dot per K step multiplies it with x's tile.
-_dequant_kernel: writes deq(W) in x's dtype (large M: cuBLAS then multiplies).
 The low-rank correction enters the GEMM epilogue: y += xa · B[n-tile]ᵀ with
 xa = x·Aᵀ (M x r) computed before the launch; y is written once.
 """
@@ -170,28 +170,3 @@ def _gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, book_ptr, xa_ptr, b_ptr, bias_ptr, 
         tl.store(yp, acc.to(y_ptr.dtype.element_ty), mask=ymask)
     else:
         tl.atomic_add(yp, acc, mask=ymask, sem="relaxed")
-
-
-@triton.jit
-def _dequant_kernel(q_ptr, s_ptr, z_ptr, book_ptr, w_ptr, N, K, KU, RW, NG, G,
-                    BITS: tl.constexpr, FMT: tl.constexpr, HAS_Z: tl.constexpr, BN: tl.constexpr,
-                    J: tl.constexpr):  # fmt: skip
-    CPU: tl.constexpr = 32 if BITS == 3 else 32 // BITS
-    WPU: tl.constexpr = 3 if BITS == 3 else 1
-    rn = tl.program_id(0) * BN + tl.arange(0, BN)
-    u = tl.program_id(1) * J + tl.arange(0, J)
-    mask = (rn < N)[:, None] & (u < KU)[None, :]
-    wp = q_ptr + rn[:, None] * RW + (u * WPU)[None, :]
-    w0 = tl.load(wp, mask=mask, other=0)
-    if BITS == 3:
-        w1 = tl.load(wp + 1, mask=mask, other=0)
-        w2 = tl.load(wp + 2, mask=mask, other=0)
-    else:
-        w1 = w0
-        w2 = w0
-    P, Q = _params(s_ptr, z_ptr, rn, (u * CPU) // G, NG, mask, BITS, FMT, HAS_Z)
-    f = _unit_values(w0, w1, w2, book_ptr, BITS, FMT)
-    w = tl.reshape(f * P[:, :, None] + Q[:, :, None], (BN, J * CPU))
-    kk = tl.program_id(1) * J * CPU + tl.arange(0, J * CPU)
-    out = w_ptr + rn[:, None].to(tl.int64) * K + kk[None, :]
-    tl.store(out, w.to(w_ptr.dtype.element_ty), mask=(rn < N)[:, None] & (kk < K)[None, :])
