@@ -182,26 +182,6 @@ def test_mma_config_that_does_not_fit():
         ops.OVERRIDE.clear()
 
 
-def test_path_choice():
-    """The mma kernel takes 3 <= M <= 64 where K is whole 128-code steps, nf included; other
-    shapes fall back to the GEMV (M <= 8), the fused GEMM (int) or dequantize + cuBLAS."""
-    assert ops.pick_path(1, 0, 4, 4096, 128) == ops.GEMV
-    assert ops.pick_path(3, 0, 4, 4096, 128) == ops.MMA
-    assert ops.pick_path(16, 2, 4, 4096, 64) == ops.MMA
-    assert ops.pick_path(64, 0, 3, 4096, 32) == ops.MMA
-    assert ops.pick_path(4, 2, 4, 4128, 32) == ops.GEMV
-    assert ops.pick_path(16, 0, 4, 4128, 32) == ops.GEMM
-    assert ops.pick_path(16, 2, 4, 4128, 32) == ops.DEQUANT
-    assert ops.pick_path(16, 0, 4, 4096, 16 * 3) == ops.GEMM  # a thread's 32 codes would straddle groups
-    assert ops.pick_path(65, 0, 4, 4096, 128) == ops.DEQUANT
-    assert ops.pick_path(64, 0, 4, 4096, 128, n=11008, wgmma_sms=132) == ops.WGMMA
-    assert ops.pick_path(1024, 2, 3, 4096, 128, n=11008, wgmma_sms=132) == ops.WGMMA
-    assert ops.pick_path(1025, 0, 4, 4096, 128, n=11008, wgmma_sms=132) == ops.DEQUANT
-    assert ops.pick_path(16, 0, 4, 4096, 128, n=11008, wgmma_sms=132) == ops.MMA
-    assert ops.pick_path(64, 0, 4, 4096, 128, n=4096, wgmma_sms=132) == ops.MMA  # 32 tiles: too few for 132 SMs
-    assert ops.pick_path(512, 0, 4, 4128, 32, n=11008, wgmma_sms=132) == ops.DEQUANT  # K not whole 128-code steps
-
-
 def test_batched_input_and_cache_invalidation():
     q = layer(WeightFormat("int", 4, 128), 64, 256, rank=4, bias=True, seed=2)
     x = torch.randn(2, 3, 256, device="cuda", dtype=torch.bfloat16)

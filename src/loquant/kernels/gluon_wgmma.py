@@ -156,11 +156,14 @@ def wgmma_config(m: int, n: int, sms: int) -> dict:
 
 
 def fills(m: int, n: int, sms: int) -> bool:
-    """Whether the kernel's tiles (no K split) keep the GPU busy: at least 0.6 CTAs per SM.
-    On the H100 at M = 64 it beat the mma kernel (which splits K) with 86 tiles (11008 rows:
-    36 against 62 µs) and lost with 64 or fewer (4096 rows: 28.5 against 23.1 µs)."""
+    """Whether the kernel's tiles (no K split) keep the GPU busy. Up to M = 256 at least 0.6
+    CTAs per SM: on the H100 at M = 64 it beat the mma kernel (which splits K) with 86 tiles
+    (11008 rows: 36 against 62 µs) and lost with 64 or fewer (4096 rows: 28.5 against 23.1).
+    Above, against dequantize + cuBLAS, at least 1.5 per SM: with 128 tiles of 4096 rows at M
+    = 512 it lost (41.3 against 37.2 µs), with 344 of 11008 rows it won (106.2 against 108.3)."""
     cfg = wgmma_config(m, n, sms)
-    return triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, 64 * cfg["WG"] * cfg["RN"]) >= 0.6 * sms
+    tiles = triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, 64 * cfg["WG"] * cfg["RN"])
+    return tiles >= (0.6 if m <= 256 else 1.5) * sms
 
 
 @functools.cache

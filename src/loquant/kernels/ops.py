@@ -15,17 +15,20 @@ from loquant.kernels import gluon_dequant, gluon_gemv, gluon_mma, gluon_wgmma, s
 from loquant.kernels.triton_qmm import _gemm_kernel
 
 GEMV, GEMM, DEQUANT, MMA, WGMMA = 1, 2, 3, 4, 5
-# Path by M, from the H100 measurements in BENCHMARKS.md (11008 x 4096): the Gluon GEMV up
-# to GEMV_MAX_M rows; on Hopper the Gluon wgmma kernel from WGMMA_MIN_M to WGMMA_MAX_M rows
-# where its tiles fill the GPU (gluon_wgmma.fills; it beat the mma kernel from M = 32 and
-# dequantize + cuBLAS up to M = 1024 there); the Gluon mma.sync kernel up to MMA_MAX_M (where
-# K is whole 128-code steps; before Hopper it beat dequantize + cuBLAS up to M = 64); the
-# plain-Triton fused tensor-core kernel for int / int-sym up to GEMM_MAX_M where neither can
-# run; above, the weight is dequantized into a temporary 16-bit matrix that cuBLAS multiplies.
+# Path by M, from the H100 measurements in BENCHMARKS.md: the Gluon GEMV up to GEMV_MAX_M
+# rows; on Hopper the Gluon wgmma kernel from WGMMA_MIN_M rows where its tiles fill the GPU
+# (gluon_wgmma.fills), up to WGMMA_MAX_M rows for int / int-sym at 2 and 4 bits (the 16-bit
+# pair decode) and WGMMA_MAX_M_FP32 for nf and 3 bits (decoded through fp32): above those,
+# dequantize + cuBLAS won (11008 x 4096: INT4 at M = 1024 176 against 193 µs, NF4 at M =
+# 512 109 against 123); the Gluon mma.sync kernel up to MMA_MAX_M (where K is whole
+# 128-code steps; before Hopper it beat dequantize + cuBLAS up to M = 64); the plain-Triton
+# fused tensor-core kernel for int / int-sym up to GEMM_MAX_M where neither can run; above,
+# the weight is dequantized into a temporary 16-bit matrix that cuBLAS multiplies.
 GEMV_MAX_M = 2
 MMA_MAX_M = 64
 WGMMA_MIN_M = 33
-WGMMA_MAX_M = 1024
+WGMMA_MAX_M = 768
+WGMMA_MAX_M_FP32 = 256
 GEMV_FALLBACK_M = 8  # where the mma kernel cannot run, the GEMV still beat the fused GEMM to M = 8
 GEMM_MAX_M = 16
 # For tests and the benchmark: {"gemv": gluon_gemv config keys, "mma": {...}, "wgmma": {...}, "gemm": {...}}.
@@ -132,7 +135,8 @@ def pick_path(m: int, fmt: int, bits: int, k: int, group: int, n: int = 0, wgmma
     if m <= GEMV_MAX_M:
         return GEMV
     fits = gluon_mma.fits(bits, k, group)
-    if wgmma_sms and fits and WGMMA_MIN_M <= m <= WGMMA_MAX_M and gluon_wgmma.fills(m, n, wgmma_sms):
+    top = WGMMA_MAX_M if fmt != 2 and bits != 3 else WGMMA_MAX_M_FP32
+    if wgmma_sms and fits and WGMMA_MIN_M <= m <= top and gluon_wgmma.fills(m, n, wgmma_sms):
         return WGMMA
     if m <= MMA_MAX_M and fits:
         return MMA
