@@ -16,7 +16,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
 from loquant.kernels import units
-from loquant.kernels.gluon_gemv import _ONE, _expand, _values
+from loquant.kernels.gluon_gemv import _ONE, _expand, _pq, _values
 
 
 @gluon.jit
@@ -27,7 +27,6 @@ def _dequant_kernel(q_ptr, s_ptr, z_ptr, book_ptr, w_ptr, N, KU, RW, NG, LDW, ON
     WPU: gl.constexpr = 3 if BITS == 3 else 1  # words per unit
     TR: gl.constexpr = 32 // TJ
     BN: gl.constexpr = RPT * TR * WR
-    CS: gl.constexpr = 1 << BITS
     L4: gl.constexpr = gl.BlockedLayout([RPT, 1, V, CPU], [TR, TJ, 1, 1], [WR, 1, 1, 1], [3, 2, 1, 0])
     LW: gl.constexpr = gl.SliceLayout(3, L4)  # (BN, TJ, V) words
     LP: gl.constexpr = gl.SliceLayout(2, LW)  # (BN, TJ) group parameters
@@ -51,18 +50,11 @@ def _dequant_kernel(q_ptr, s_ptr, z_ptr, book_ptr, w_ptr, N, KU, RW, NG, LDW, ON
     up = u0 + gl.expand_dims(gl.arange(0, TJ, layout=gl.SliceLayout(0, LP)), 0) * V
     mask_p = (n0 + rn_p < N) & (up < KU)
     pp = (n0 + rn_p) * NG + (up * CPU) // G
-    P = gl.load(s_ptr + pp, mask=mask_p, other=0.0).to(gl.float32)
-    if FMT == 2:
-        if HAS_Z:
-            Q = gl.load(z_ptr + pp, mask=mask_p, other=0.0).to(gl.float32)
-        else:
-            Q = gl.zeros_like(P)
-    else:
-        P = P * CS
-        if FMT == 1:
-            Q = P * (-1.5)
-        else:
-            Q = gl.load(z_ptr + pp, mask=mask_p, other=0.0).to(gl.float32) - P
+    sc = gl.load(s_ptr + pp, mask=mask_p, other=0.0)
+    zz = sc
+    if HAS_Z:
+        zz = gl.load(z_ptr + pp, mask=mask_p, other=0.0)
+    P, Q = _pq(sc, zz, BITS, FMT, HAS_Z)
 
     LS: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, L4)))
     sh = _expand(gl.expand_dims(gl.arange(0, CPU, layout=LS), 0), 1, 2)

@@ -54,6 +54,25 @@ def _values(w0, w1, w2, sh, book_ptr, ONE, BITS: gl.constexpr, FMT: gl.constexpr
 
 
 @gluon.jit
+def _pq(sc, zz, BITS: gl.constexpr, FMT: gl.constexpr, HAS_Z: gl.constexpr):
+    """A group's stored scale and offset (icq shift for nf; zz unused without HAS_Z) -> fp32
+    P, Q of w = f(code)·P + Q, f as `_values` gives it (module docstring of triton_qmm)."""
+    P = sc.to(gl.float32)
+    if FMT == 2:
+        if HAS_Z:
+            Q = zz.to(gl.float32)
+        else:
+            Q = gl.zeros_like(P)
+    else:
+        P = P * (1 << BITS)
+        if FMT == 1:
+            Q = P * (-1.5)
+        else:
+            Q = zz.to(gl.float32) - P
+    return P, Q
+
+
+@gluon.jit
 def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, book_ptr, xa_ptr, b_ptr, bias_ptr, y_ptr,
                  M, N, KU, RW, NG, R, stride_xm, stride_xam, stride_ym, ONE,
                  G: gl.constexpr, BITS: gl.constexpr, FMT: gl.constexpr, HAS_Z: gl.constexpr,

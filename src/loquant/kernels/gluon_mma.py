@@ -32,7 +32,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from loquant.kernels import lowrank, split_k, units
-from loquant.kernels.gluon_gemv import _ONE, _expand, _values
+from loquant.kernels.gluon_gemv import _ONE, _expand, _pq, _values
 from loquant.kernels.lowrank import wait_primary
 
 
@@ -145,7 +145,7 @@ def _load(wrow, ow, prow, rq_p, xrow, kx, kb, wb, i, s_ptr, z_ptr, G: gl.constex
 @gluon.jit
 def _decode(w0, w1, w2, sc, zz, sh, book_ptr, ONE, NEG, BITS: gl.constexpr, FMT: gl.constexpr,
             HAS_Z: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, NU: gl.constexpr, T: gl.constexpr,
-            HALF: gl.constexpr, CS: gl.constexpr, PAIRS: gl.constexpr, DEC: gl.constexpr, PACK: gl.constexpr,
+            HALF: gl.constexpr, PAIRS: gl.constexpr, DEC: gl.constexpr, PACK: gl.constexpr,
             L4: gl.constexpr, dt_ptr, MAGV: gl.constexpr):  # fmt: skip
     """One step's words and group parameters -> the (BN, BK) weight tile in dt_ptr's dtype,
     logical K order (module docstring), laid out as the mma A fragments."""
@@ -178,18 +178,7 @@ def _decode(w0, w1, w2, sc, zz, sh, book_ptr, ONE, NEG, BITS: gl.constexpr, FMT:
                                       dtype=dt_ptr.dtype.element_ty, is_pure=True, pack=2)  # fmt: skip
     else:
         f = _values(w0, w1, w2, sh, book_ptr, ONE, BITS, FMT)
-        P = sc.to(gl.float32)
-        if FMT == 2:
-            if HAS_Z:
-                Q = zz.to(gl.float32)
-            else:
-                Q = gl.zeros_like(P)
-        else:
-            P = P * CS
-            if FMT == 1:
-                Q = P * (-1.5)
-            else:
-                Q = zz.to(gl.float32) - P
+        P, Q = _pq(sc, zz, BITS, FMT, HAS_Z)
         w = (f * _expand(P, 2, 3) + _expand(Q, 2, 3)).to(xdt)
         w = gl.permute(gl.reshape(w, [BN, 4, NU, 2, HALF]), [0, 1, 2, 4, 3])
     # (row, q, pair, e) with pair = 2t + h -> logical K = 16t + 8h + 2q + e
@@ -199,14 +188,14 @@ def _decode(w0, w1, w2, sc, zz, sh, book_ptr, ONE, NEG, BITS: gl.constexpr, FMT:
 @gluon.jit
 def _step(acc, w0, w1, w2, sc, zz, xv, xrow, kx, k, sh, book_ptr, ONE, NEG, BITS: gl.constexpr, FMT: gl.constexpr,
           HAS_Z: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr, NU: gl.constexpr,
-          T: gl.constexpr, HALF: gl.constexpr, CS: gl.constexpr, XPRE: gl.constexpr, PAIRS: gl.constexpr,
+          T: gl.constexpr, HALF: gl.constexpr, XPRE: gl.constexpr, PAIRS: gl.constexpr,
           DEC: gl.constexpr, PACK: gl.constexpr, L4: gl.constexpr, LA: gl.constexpr, LB: gl.constexpr,
           x_ptr, MAGV: gl.constexpr):  # fmt: skip
     """Decode one step's codes into A fragments, x into B fragments, and accumulate (x_ptr
     gives x's dtype)."""
     if not XPRE:
         xv = gl.load(xrow + k // 2 + kx)
-    a = _decode(w0, w1, w2, sc, zz, sh, book_ptr, ONE, NEG, BITS, FMT, HAS_Z, BN, BK, NU, T, HALF, CS, PAIRS, DEC,
+    a = _decode(w0, w1, w2, sc, zz, sh, book_ptr, ONE, NEG, BITS, FMT, HAS_Z, BN, BK, NU, T, HALF, PAIRS, DEC,
                 PACK, L4, x_ptr, MAGV)  # fmt: skip
     # x words (unit u, half e, word j) hold values 2j, 2j+1 of half e; B pairs are
     # (value s of half 0, value s of half 1): PRMT 0x5410 (low halves), 0x7632 (high)
@@ -239,7 +228,6 @@ def _mma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, book_ptr, xa_ptr, b_ptr, bias_ptr, y
     NU: gl.constexpr = C // CPU
     T: gl.constexpr = BK // 16  # MMAs per step
     BN: gl.constexpr = 16 * WN * RN
-    CS: gl.constexpr = 1 << BITS
     BKW: gl.constexpr = BK // CPU * WPU  # words per row and step
     n0 = gl.program_id(0) * BN
     m0 = gl.program_id(1) * BM
@@ -270,13 +258,13 @@ def _mma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, book_ptr, xa_ptr, b_ptr, bias_ptr, y
         wb0, wb1, wb2, sb, zb, xb_ = _load(wrow, ow, prow, rq_p, xrow, kx, kb, wb, gl.minimum(i + 1, steps - 1), s_ptr,
                                            z_ptr, G, BITS, HAS_Z, XPRE, BK, BKW, C)  # fmt: skip
         acc = _step(acc, wa0, wa1, wa2, sa, za, xa_, xrow, kx, kb + i * BK, sh, book_ptr, ONE, NEG, BITS, FMT, HAS_Z,
-                    BN, BM, BK, NU, T, HALF, CS, XPRE, PAIRS, DEC, PACK, L4, LA, LB, x_ptr, MAGV)  # fmt: skip
+                    BN, BM, BK, NU, T, HALF, XPRE, PAIRS, DEC, PACK, L4, LA, LB, x_ptr, MAGV)  # fmt: skip
         wa0, wa1, wa2, sa, za, xa_ = _load(wrow, ow, prow, rq_p, xrow, kx, kb, wb, gl.minimum(i + 2, steps - 1), s_ptr,
                                            z_ptr, G, BITS, HAS_Z, XPRE, BK, BKW, C)  # fmt: skip
         if i + 1 < steps:
             kn = kb + (i + 1) * BK
             acc = _step(acc, wb0, wb1, wb2, sb, zb, xb_, xrow, kx, kn, sh, book_ptr, ONE, NEG, BITS, FMT, HAS_Z, BN,
-                        BM, BK, NU, T, HALF, CS, XPRE, PAIRS, DEC, PACK, L4, LA, LB, x_ptr, MAGV)  # fmt: skip
+                        BM, BK, NU, T, HALF, XPRE, PAIRS, DEC, PACK, L4, LA, LB, x_ptr, MAGV)  # fmt: skip
     if SPLIT == 1:
         _finish(acc, xa_ptr, b_ptr, bias_ptr, y_ptr, n0, m0, M, N, R, stride_xam, stride_ym,
                 HAS_CORR, HAS_BIAS, RP, WN, MMA, PDL)  # fmt: skip

@@ -66,7 +66,6 @@ def _wgmma_kernel(x_desc, q_ptr, s_ptr, z_ptr, book_ptr, xa_ptr, b_ptr, bias_ptr
     NU: gl.constexpr = C // CPU
     T: gl.constexpr = BK // 16
     BN: gl.constexpr = 64 * WG * RN
-    CS: gl.constexpr = 1 << BITS
     BKW: gl.constexpr = BK // CPU * WPU  # words per row and step
     m0 = gl.program_id(0) * BM
     n0 = gl.program_id(1) * BN
@@ -96,8 +95,8 @@ def _wgmma_kernel(x_desc, q_ptr, s_ptr, z_ptr, book_ptr, xa_ptr, b_ptr, bias_ptr
     for i in range(steps):
         st = i % STAGES
         wa = a_s.index(i % 2)  # last read by the wgmma of step i - 2, retired a step ago
-        wa.store(_decode(w0, w1, w2, sc, zz, sh, book_ptr, ONE, NEG, BITS, FMT, HAS_Z, BN, BK, NU, T, HALF, CS,
-                         PAIRS, DEC, PACK, L4, y_ptr, MAGV))  # fmt: skip
+        wa.store(_decode(w0, w1, w2, sc, zz, sh, book_ptr, ONE, NEG, BITS, FMT, HAS_Z, BN, BK, NU, T, HALF, PAIRS,
+                         DEC, PACK, L4, y_ptr, MAGV))  # fmt: skip
         w0, w1, w2, sc, zz, _ = _load(wrow, ow, prow, rq_p, wrow, ow, 0, 0, gl.minimum(i + 1, steps - 1), s_ptr,
                                       z_ptr, G, BITS, HAS_Z, False, BK, BKW, C)  # fmt: skip
         fence_async_shared()
