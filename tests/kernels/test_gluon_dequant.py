@@ -31,7 +31,13 @@ def test_out_of_the_wrong_shape_is_refused_before_any_launch():
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 FORMATS = [WeightFormat(f, b, g) for f in ("int", "int-sym", "nf") for b in (2, 3, 4) for g in (32, 128, -1)]
-FORMATS += [WeightFormat("nf", 4, 64, double_quant=True, icq=True), WeightFormat("int", 4, 64, double_quant=True)]
+# group 48: fewer units per thread (dequant_config halves V until a thread stays in one group)
+FORMATS += [
+    WeightFormat("nf", 4, 64, double_quant=True, icq=True),
+    WeightFormat("int", 4, 64, double_quant=True),
+    WeightFormat("int", 4, 48),
+    WeightFormat("int-sym", 2, 48),
+]
 
 
 @CUDA
