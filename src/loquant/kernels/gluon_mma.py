@@ -290,10 +290,16 @@ def _pair(value: float, dtype: torch.dtype) -> int:
     return v - (1 << 32) if v >= 1 << 31 else v
 
 
+def pair_decode(bits: int, fmt: int) -> bool:
+    """Whether codes decode as 16-bit pairs (int / int-sym at 2 and 4 bits: a shift, a LOP3
+    and two HFMA2) rather than through fp32 (nf: a table; 3 bits: codes straddle words)."""
+    return fmt != 2 and bits != 3
+
+
 def decode_args(bits: int, fmt: int, dtype: torch.dtype) -> dict:
     """The runtime and constexpr arguments of `_decode` for codes of bits / fmt and x's dtype:
     ONE and NEG (pair constants), PAIRS, the DEC and PACK asm, MAGV."""
-    pairs = fmt != 2 and bits != 3
+    pairs = pair_decode(bits, fmt)
     half = "bf16x2" if dtype == torch.bfloat16 else "f16x2"
     magic = 128.0 if dtype == torch.bfloat16 else 1024.0  # its ulp is 1: magic + code is exact
     neg = -(magic + (2 ** (bits - 1) if fmt == 1 else 0))

@@ -135,7 +135,7 @@ def pick_path(m: int, fmt: int, bits: int, k: int, group: int, n: int = 0, wgmma
     if m <= GEMV_MAX_M:
         return GEMV
     fits = gluon_mma.fits(bits, k, group)
-    top = WGMMA_MAX_M if fmt != 2 and bits != 3 else WGMMA_MAX_M_FP32
+    top = WGMMA_MAX_M if gluon_mma.pair_decode(bits, fmt) else WGMMA_MAX_M_FP32
     if wgmma_sms and fits and WGMMA_MIN_M <= m <= top and gluon_wgmma.fills(m, n, wgmma_sms):
         return WGMMA
     if m <= MMA_MAX_M and fits:
