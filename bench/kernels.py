@@ -8,7 +8,7 @@ the 50 MB L2. Inputs are random normal (never zeros). GB/s counts the bytes each
 move: packed weight and its parameters (and correction), x, y.
 
     python bench/kernels.py                     # everything (tables in markdown)
-    python bench/kernels.py --sections target   # target, correction, paths, shapes, block, configs, dequant
+    python bench/kernels.py --sections target   # target, correction, paths, shapes, block, configs, dequant, crossover
 """
 
 from __future__ import annotations
@@ -250,6 +250,26 @@ def section_dequant(args):
         us = timeit(rotating(make, moved))
         gbs = moved / us / 1e3
         print(f"| {name} | {us:.1f} | {moved / 1e6:.1f} MB | {gbs:.0f} | {100 * gbs / COPY_BW:.0f} % |", flush=True)
+
+
+def section_crossover(args):
+    """wgmma against dequantize + cuBLAS, every format, where ops.pick_path switches between
+    them (WGMMA_MAX_M, WGMMA_MAX_M_FP32, gluon_wgmma.fills). Hopper only."""
+    if not gluon_wgmma.supported(torch.device("cuda")):
+        print("\n(crossover: the wgmma kernel needs Hopper; skipped)")
+        return
+    print("\n### wgmma / dequantize + cuBLAS, µs\n")
+    print("| layer | M | bf16 | " + " | ".join(FORMATS) + " |")
+    print("|---" * (len(FORMATS) + 3) + "|")
+    for out_f, in_f in ((11008, 4096), (4096, 4096), (4096, 11008)):
+        for m in args.ms:
+            bf, _ = bench_bf16(out_f, in_f, m)
+            cells = []
+            for fmt in FORMATS.values():
+                w, _ = bench_loquant(out_f, in_f, fmt, m, path=ops.WGMMA)
+                d, _ = bench_loquant(out_f, in_f, fmt, m, path=ops.DEQUANT)
+                cells.append(f"{w:.1f} / {d:.1f}")
+            print(f"| {out_f} × {in_f} | {m} | {bf:.1f} | " + " | ".join(cells) + " |", flush=True)
 
 
 def section_configs(args):
