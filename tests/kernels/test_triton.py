@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 pytest.importorskip("triton")
 
-from loquant.kernels import gluon_wgmma, ops  # noqa: E402
+from loquant.kernels import gluon_wgmma, ops, qlinear  # noqa: E402
 
 HOPPER = gluon_wgmma.supported(torch.device("cuda"))
 PATHS = [ops.GEMV, ops.MMA, ops.GEMM, ops.DEQUANT] + ([ops.WGMMA] if HOPPER else [])
@@ -86,7 +86,12 @@ def test_paths_correction_bias(fmt, rank, bias, path):
         check(q, m, torch.bfloat16, path=path)
 
 
-F16 = [WeightFormat("int", 4, 128), WeightFormat("nf", 3, 64), WeightFormat("int-sym", 2, 128)]
+F16 = [
+    WeightFormat("int", 4, 128),
+    WeightFormat("nf", 3, 64),
+    WeightFormat("int-sym", 2, 128),
+    WeightFormat("nf", 4, 64),
+]
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -98,10 +103,35 @@ def test_float16(fmt, path):
         check(q, m, torch.float16, path=path)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_nf4_lookup_reads_the_book(dtype):
+    """nf4's register lookups (GEMV, mma, wgmma) build their tables from the book in memory:
+    with a random 16-entry book (no order, no symmetry) every path agrees with the dequantize
+    path, which loads book[code] from memory for each code."""
+    q = layer(WeightFormat("nf", 4, 64), 328, 1024, rank=0, bias=False, seed=7)
+    state = dict(q._kernel_state(dtype)[0])
+    state["book"] = torch.randn(16, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    paths = [ops.GEMV, ops.MMA] + ([ops.WGMMA] if HOPPER else [])
+    for m in (1, 5, 64):
+        x = torch.randn(m, 1024, device="cuda", dtype=dtype)
+        ref = qlinear(x, state, path=ops.DEQUANT).float()
+        for path in paths:
+            poison()
+            y = qlinear(x, state, path=path).float()
+            assert torch.isfinite(y).all()
+            err = ((y - ref).norm() / ref.norm()).item()
+            assert err < 1e-2, (path, m, err)
+
+
 @pytest.mark.parametrize("n,k", [(1, 32), (7, 96), (129, 4128), (4100, 160), (11008, 4096), (4096, 11008)])
 @pytest.mark.parametrize("m", [1, 3, 64])
 def test_odd_and_real_shapes(n, k, m):
-    for fmt in (WeightFormat("int", 4, 32), WeightFormat("nf", 3, 32), WeightFormat("int-sym", 2, 32)):
+    for fmt in (
+        WeightFormat("int", 4, 32),
+        WeightFormat("nf", 3, 32),
+        WeightFormat("int-sym", 2, 32),
+        WeightFormat("nf", 4, 32),
+    ):
         check(layer(fmt, n, k, rank=8, bias=True, seed=n), m, torch.bfloat16)
 
 

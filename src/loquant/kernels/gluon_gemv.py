@@ -54,6 +54,60 @@ def _values(w0, w1, w2, sh, book_ptr, ONE, BITS: gl.constexpr, FMT: gl.constexpr
 
 
 @gluon.jit
+def _lut_word(book_ptr, J: gl.constexpr, HI: gl.constexpr, xdt: gl.constexpr):
+    """Byte HI (0 low, 1 high) of book[J + i] in xdt as byte i of an int32, i < 4."""
+    w = (gl.load(book_ptr + J).to(xdt).to(gl.int16, bitcast=True).to(gl.int32) >> (8 * HI)) & 0xFF
+    for i in gl.static_range(1, 4):
+        b = gl.load(book_ptr + J + i).to(xdt).to(gl.int16, bitcast=True).to(gl.int32)
+        w = w | (((b >> (8 * HI)) & 0xFF) << (8 * i))
+    return w
+
+
+@gluon.jit
+def nf4_lut(book_ptr, xdt: gl.constexpr):
+    """The 16-entry nf4 book in xdt as 8 registers for PRMT lookups (4 codes per PRMT, no
+    memory access in the loop): low bytes of entries 0-3, 4-7, 8-11, 12-15, then high bytes."""
+    return (_lut_word(book_ptr, 0, 0, xdt), _lut_word(book_ptr, 4, 0, xdt), _lut_word(book_ptr, 8, 0, xdt),
+            _lut_word(book_ptr, 12, 0, xdt), _lut_word(book_ptr, 0, 1, xdt), _lut_word(book_ptr, 4, 1, xdt),
+            _lut_word(book_ptr, 8, 1, xdt), _lut_word(book_ptr, 12, 1, xdt))  # fmt: skip
+
+
+# The lookup shared by the nf4 decodes, on 4 codes whose nibbles are the low 16 bits of nr:
+# 4 PRMTs look up the 4 codes' low and high bytes in the tables $T0..$T7 (each code's low 3
+# bits pick a byte among entries 0-7 and among 8-15) and its bit 3, moved to a byte's sign bit
+# (PRMT's sign mode spreads it over the byte), selects between them (LOP3 0xD8: m ? b : a).
+# Leaves the low bytes in nl and the high bytes in nh, byte i for nibble i of nr.
+_NF4_BYTES = ("and.b32 ns, nr, 0x7777; shl.b32 nu, nr, 4; prmt.b32 nm, nu, nr, 0xD9C8; "
+              "prmt.b32 na, $T0, $T1, ns; prmt.b32 nb, $T2, $T3, ns; lop3.b32 nl, na, nb, nm, 0xD8; "
+              "prmt.b32 na, $T4, $T5, ns; prmt.b32 nb, $T6, $T7, ns; lop3.b32 nh, na, nb, nm, 0xD8; ")  # fmt: skip
+
+
+def nf4_asm(body: str, first: int) -> str:
+    """A PTX block: body with BYTES replaced by the lookup, the tables at operands first,
+    first + 4, ... (pack=4: each 32-bit input is 4 operands)."""
+    text = _NF4_BYTES
+    for i in range(8):
+        text = text.replace(f"$T{i}", f"${first + 4 * i}")
+    return "{ .reg .b32 nr, ns, nu, nm, na, nb, nl, nh; " + body.replace("BYTES; ", text) + " }"
+
+
+# GEMV: 4 consecutive codes (selector 0x10 / 0x32 picks their two bytes of the word) -> 4 fp32
+# values (the bf16 value in the high half); outputs $0-$3, word $4, selector $8, tables $12...
+_NF4_F32 = gl.constexpr(nf4_asm("prmt.b32 nr, $4, $4, $8; BYTES; prmt.b32 nu, nl, nh, 0x5140; shl.b32 $0, nu, 16; "
+                                  "and.b32 $1, nu, 0xFFFF0000; prmt.b32 nu, nl, nh, 0x7362; shl.b32 $2, nu, 16; "
+                                  "and.b32 $3, nu, 0xFFFF0000;", 12))  # fmt: skip
+
+
+@gluon.jit
+def _nf4_values(w, sh, lut):
+    """(.., units) words and (.., 8) code positions -> fp32 book values of the codes (bf16 book)."""
+    v, sel = gl.broadcast(gl.expand_dims(w, 3), 0x10 + (sh >> 2) * 0x22)
+    return gl.inline_asm_elementwise(_NF4_F32, "=r,=r,=r,=r" + ",r" * 40,
+                                     [v, sel, lut[0], lut[1], lut[2], lut[3], lut[4], lut[5], lut[6], lut[7]],
+                                     dtype=gl.float32, is_pure=True, pack=4)  # fmt: skip
+
+
+@gluon.jit
 def _pq(sc, zz, BITS: gl.constexpr, FMT: gl.constexpr, HAS_Z: gl.constexpr):
     """A group's stored scale and offset (icq shift for nf; zz unused without HAS_Z) -> fp32
     P, Q of w = f(code)·P + Q, f as `_values` gives it (module docstring of triton_qmm)."""
@@ -123,6 +177,9 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, book_ptr, xa_ptr, b_ptr, bias_ptr, 
     LCC: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, LC)))
     sh = _expand(gl.expand_dims(gl.arange(0, CPU, layout=LCC), 0), 1, 2)
 
+    LUT: gl.constexpr = FMT == 2 and BITS == 4
+    if LUT:
+        lut = nf4_lut(book_ptr, gl.bfloat16)
     acc = gl.zeros([MR, BN, J], gl.float32, layout=LA)
     mask_w = nmask_w & (u_w < KU)
     w0 = gl.load(wrow + u_w * WPU, mask=mask_w, other=0)
@@ -152,6 +209,8 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, book_ptr, xa_ptr, b_ptr, bias_ptr, 
         xv = gl.load(x_rows + xk, mask=mmask_x & (xk < KU * CPU), other=0.0).to(gl.float32)
         if BITS == 3:
             f = _values(w0, w1, w2, sh, book_ptr, ONE, BITS, FMT)
+        elif LUT:
+            f = _nf4_values(w0, sh, lut)
         else:
             f = _values(w0, w0, w0, sh, book_ptr, ONE, BITS, FMT)
         t = gl.sum(gl.sum(gl.expand_dims(f, 0) * gl.expand_dims(xv, 1), axis=4), axis=3)

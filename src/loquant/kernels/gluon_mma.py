@@ -32,7 +32,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from loquant.kernels import lowrank, split_k, units
-from loquant.kernels.gluon_gemv import _ONE, _expand, _pq, _values
+from loquant.kernels.gluon_gemv import _ONE, _expand, _pq, _values, nf4_asm, nf4_lut
 from loquant.kernels.lowrank import wait_primary
 
 
@@ -143,14 +143,28 @@ def _load(wrow, ow, prow, rq_p, xrow, kx, kb, wb, i, s_ptr, z_ptr, G: gl.constex
 
 
 @gluon.jit
-def _decode(w0, w1, w2, sc, zz, sh, book_ptr, ONE, NEG, BITS: gl.constexpr, FMT: gl.constexpr,
+def _decode(w0, w1, w2, sc, zz, sh, book, ONE, NEG, BITS: gl.constexpr, FMT: gl.constexpr,
             HAS_Z: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, NU: gl.constexpr, T: gl.constexpr,
             HALF: gl.constexpr, PAIRS: gl.constexpr, DEC: gl.constexpr, PACK: gl.constexpr,
             L4: gl.constexpr, dt_ptr, MAGV: gl.constexpr):  # fmt: skip
     """One step's words and group parameters -> the (BN, BK) weight tile in dt_ptr's dtype,
-    logical K order (module docstring), laid out as the mma A fragments."""
+    logical K order (module docstring), laid out as the mma A fragments. book: the nf book's
+    pointer, or for nf4 (PAIRS) its registers from `nf4_lut`."""
     xdt: gl.constexpr = dt_ptr.dtype.element_ty
-    if PAIRS:  # codes s and s + CPU/2 of a word -> one 16-bit pair: shift, mask, two HFMA2
+    if PAIRS and FMT == 2:  # nf4: book is nf4_lut's registers; DEC looks up 4 codes at once, one HFMA2 a pair
+        P2 = gl.inline_asm_elementwise(PACK, "=r,h", [sc.to(xdt)], dtype=gl.int32, is_pure=True, pack=1)
+        if HAS_Z:
+            Q2 = gl.inline_asm_elementwise(PACK, "=r,h", [zz.to(xdt)], dtype=gl.int32, is_pure=True, pack=1)
+        else:
+            Q2 = gl.zeros_like(P2)
+        # the selector picks the word's bytes with codes s, s + 1, s + 4, s + 5 (s = 0, 2)
+        v, sel = gl.broadcast(gl.expand_dims(w0, 3), 0x20 + (sh >> 1) * 0x11)
+        p2, _ = gl.broadcast(_expand(P2, 2, 3), v)
+        q2, _ = gl.broadcast(_expand(Q2, 2, 3), v)
+        w = gl.inline_asm_elementwise(DEC, "=r,=r" + ",r" * 48, [gl.join(v, v), gl.join(sel, sel), gl.join(p2, p2),
+                                      gl.join(q2, q2), book[0], book[1], book[2], book[3], book[4], book[5], book[6],
+                                      book[7]], dtype=dt_ptr.dtype.element_ty, is_pure=True, pack=4)  # fmt: skip
+    elif PAIRS:  # codes s and s + CPU/2 of a word -> one 16-bit pair: shift, mask, two HFMA2
         # w = (v - n) · s + r with v = MAGIC + code: v - n is an integer, exact in 16 bits
         P2 = gl.inline_asm_elementwise(PACK, "=r,h", [sc.to(xdt)], dtype=gl.int32, is_pure=True, pack=1)
         v, shp = gl.broadcast(gl.expand_dims(w0, 3), sh * BITS)
@@ -177,7 +191,7 @@ def _decode(w0, w1, w2, sc, zz, sh, book_ptr, ONE, NEG, BITS: gl.constexpr, FMT:
                                       gl.join(q2, q2), gl.join(one, one), gl.join(neg, neg)],
                                       dtype=dt_ptr.dtype.element_ty, is_pure=True, pack=2)  # fmt: skip
     else:
-        f = _values(w0, w1, w2, sh, book_ptr, ONE, BITS, FMT)
+        f = _values(w0, w1, w2, sh, book, ONE, BITS, FMT)
         P, Q = _pq(sc, zz, BITS, FMT, HAS_Z)
         w = (f * _expand(P, 2, 3) + _expand(Q, 2, 3)).to(xdt)
         w = gl.permute(gl.reshape(w, [BN, 4, NU, 2, HALF]), [0, 1, 2, 4, 3])
@@ -186,7 +200,7 @@ def _decode(w0, w1, w2, sc, zz, sh, book_ptr, ONE, NEG, BITS: gl.constexpr, FMT:
 
 
 @gluon.jit
-def _step(acc, w0, w1, w2, sc, zz, xv, xrow, kx, k, sh, book_ptr, ONE, NEG, BITS: gl.constexpr, FMT: gl.constexpr,
+def _step(acc, w0, w1, w2, sc, zz, xv, xrow, kx, k, sh, book, ONE, NEG, BITS: gl.constexpr, FMT: gl.constexpr,
           HAS_Z: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr, NU: gl.constexpr,
           T: gl.constexpr, HALF: gl.constexpr, XPRE: gl.constexpr, PAIRS: gl.constexpr,
           DEC: gl.constexpr, PACK: gl.constexpr, L4: gl.constexpr, LA: gl.constexpr, LB: gl.constexpr,
@@ -195,7 +209,7 @@ def _step(acc, w0, w1, w2, sc, zz, xv, xrow, kx, k, sh, book_ptr, ONE, NEG, BITS
     gives x's dtype)."""
     if not XPRE:
         xv = gl.load(xrow + k // 2 + kx)
-    a = _decode(w0, w1, w2, sc, zz, sh, book_ptr, ONE, NEG, BITS, FMT, HAS_Z, BN, BK, NU, T, HALF, PAIRS, DEC,
+    a = _decode(w0, w1, w2, sc, zz, sh, book, ONE, NEG, BITS, FMT, HAS_Z, BN, BK, NU, T, HALF, PAIRS, DEC,
                 PACK, L4, x_ptr, MAGV)  # fmt: skip
     # x words (unit u, half e, word j) hold values 2j, 2j+1 of half e; B pairs are
     # (value s of half 0, value s of half 1): PRMT 0x5410 (low halves), 0x7632 (high)
@@ -248,6 +262,10 @@ def _mma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, book_ptr, xa_ptr, b_ptr, bias_ptr, y
     LA: gl.constexpr = gl.DotOperandLayout(0, MMA, 2)
     LB: gl.constexpr = gl.DotOperandLayout(1, MMA, 2)
 
+    if PAIRS and FMT == 2:
+        book = nf4_lut(book_ptr, x_ptr.dtype.element_ty)
+    else:
+        book = book_ptr
     acc = gl.zeros([BN, BM], gl.float32, layout=MMA)
     # K % BK == 0 and every split has a step. Two steps per iteration with two register
     # buffers: each is refilled right after its step is decoded and used a step later, so
@@ -257,13 +275,13 @@ def _mma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, book_ptr, xa_ptr, b_ptr, bias_ptr, y
     for i in range(0, steps, 2):
         wb0, wb1, wb2, sb, zb, xb_ = _load(wrow, ow, prow, rq_p, xrow, kx, kb, wb, gl.minimum(i + 1, steps - 1), s_ptr,
                                            z_ptr, G, BITS, HAS_Z, XPRE, BK, BKW, C)  # fmt: skip
-        acc = _step(acc, wa0, wa1, wa2, sa, za, xa_, xrow, kx, kb + i * BK, sh, book_ptr, ONE, NEG, BITS, FMT, HAS_Z,
+        acc = _step(acc, wa0, wa1, wa2, sa, za, xa_, xrow, kx, kb + i * BK, sh, book, ONE, NEG, BITS, FMT, HAS_Z,
                     BN, BM, BK, NU, T, HALF, XPRE, PAIRS, DEC, PACK, L4, LA, LB, x_ptr, MAGV)  # fmt: skip
         wa0, wa1, wa2, sa, za, xa_ = _load(wrow, ow, prow, rq_p, xrow, kx, kb, wb, gl.minimum(i + 2, steps - 1), s_ptr,
                                            z_ptr, G, BITS, HAS_Z, XPRE, BK, BKW, C)  # fmt: skip
         if i + 1 < steps:
             kn = kb + (i + 1) * BK
-            acc = _step(acc, wb0, wb1, wb2, sb, zb, xb_, xrow, kx, kn, sh, book_ptr, ONE, NEG, BITS, FMT, HAS_Z, BN,
+            acc = _step(acc, wb0, wb1, wb2, sb, zb, xb_, xrow, kx, kn, sh, book, ONE, NEG, BITS, FMT, HAS_Z, BN,
                         BM, BK, NU, T, HALF, XPRE, PAIRS, DEC, PACK, L4, LA, LB, x_ptr, MAGV)  # fmt: skip
     if SPLIT == 1:
         _finish(acc, xa_ptr, b_ptr, bias_ptr, y_ptr, n0, m0, M, N, R, stride_xam, stride_ym,
@@ -292,8 +310,9 @@ def _pair(value: float, dtype: torch.dtype) -> int:
 
 def pair_decode(bits: int, fmt: int) -> bool:
     """Whether codes decode as 16-bit pairs (int / int-sym at 2 and 4 bits: a shift, a LOP3
-    and two HFMA2) rather than through fp32 (nf: a table; 3 bits: codes straddle words)."""
-    return fmt != 2 and bits != 3
+    and two HFMA2; nf4: PRMT lookups in registers, an HFMA2) rather than through fp32 (nf at
+    2 and 3 bits: a table in memory; 3 bits: codes straddle words)."""
+    return bits == 4 if fmt == 2 else bits != 3
 
 
 def decode_args(bits: int, fmt: int, dtype: torch.dtype) -> dict:
@@ -304,12 +323,17 @@ def decode_args(bits: int, fmt: int, dtype: torch.dtype) -> dict:
     magic = 128.0 if dtype == torch.bfloat16 else 1024.0  # its ulp is 1: magic + code is exact
     neg = -(magic + (2 ** (bits - 1) if fmt == 1 else 0))
     pmask, magic2 = ((1 << bits) - 1) * 0x10001, _pair(magic, dtype) & 0xFFFFFFFF  # (v & pmask) | magic2: 0xea
+    if pairs and fmt == 2:  # nf4, pack=4: out $0 $1 (pairs s, s + 1), word $2, selector $6, P $10, Q $14, tables $18..
+        dec = nf4_asm(f"prmt.b32 nr, $2, $2, $6; BYTES; prmt.b32 nu, nl, nh, 0x6240; fma.rn.{half} $0, nu, $10, $14; "
+                      f"prmt.b32 nu, nl, nh, 0x7351; fma.rn.{half} $1, nu, $10, $14;", 18)  # fmt: skip
+    else:  # pack=2: output $0, word $1, shift $3, P $5, Q $7, ONE $9, NEG $11
+        dec = (f"{{ .reg .b32 t; shr.u32 t, $1, $3; lop3.b32 t, t, {pmask}, {magic2}, 0xea; "
+               f"fma.rn.{half} t, t, $9, $11; fma.rn.{half} $0, t, $5, $7; }}")  # fmt: skip
     return {
         "ONE": _pair(1.0, dtype) if pairs else _ONE,
         "NEG": _pair(neg, dtype),
         "PAIRS": pairs,
-        "DEC": f"{{ .reg .b32 t; shr.u32 t, $1, $3; lop3.b32 t, t, {pmask}, {magic2}, 0xea; "
-        f"fma.rn.{half} t, t, $9, $11; fma.rn.{half} $0, t, $5, $7; }}",
+        "DEC": dec,
         "PACK": "mov.b32 $0, {$1, $1};",
         "MAGV": magic,
     }

@@ -34,6 +34,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from loquant.kernels import units
+from loquant.kernels.gluon_gemv import nf4_lut
 from loquant.kernels.gluon_mma import _decode, _layouts, _load, _weight_index, decode_args, fits
 
 BK = 128  # codes per step: gluon_mma's decode layout (a thread's 32 codes of a row per step)
@@ -91,11 +92,15 @@ def _wgmma_kernel(x_desc, q_ptr, s_ptr, z_ptr, book_ptr, xa_ptr, b_ptr, bias_ptr
 
     w0, w1, w2, sc, zz, _ = _load(wrow, ow, prow, rq_p, wrow, ow, 0, 0, 0, s_ptr, z_ptr, G, BITS, HAS_Z, False, BK,
                                   BKW, C)  # fmt: skip
+    if PAIRS and FMT == 2:
+        book = nf4_lut(book_ptr, y_ptr.dtype.element_ty)
+    else:
+        book = book_ptr
     acc = gl.zeros([BN, BM], gl.float32, layout=MMA)
     for i in range(steps):
         st = i % STAGES
         wa = a_s.index(i % 2)  # last read by the wgmma of step i - 2, retired a step ago
-        wa.store(_decode(w0, w1, w2, sc, zz, sh, book_ptr, ONE, NEG, BITS, FMT, HAS_Z, BN, BK, NU, T, HALF, PAIRS,
+        wa.store(_decode(w0, w1, w2, sc, zz, sh, book, ONE, NEG, BITS, FMT, HAS_Z, BN, BK, NU, T, HALF, PAIRS,
                          DEC, PACK, L4, y_ptr, MAGV))  # fmt: skip
         w0, w1, w2, sc, zz, _ = _load(wrow, ow, prow, rq_p, wrow, ow, 0, 0, gl.minimum(i + 1, steps - 1), s_ptr,
                                       z_ptr, G, BITS, HAS_Z, False, BK, BKW, C)  # fmt: skip

@@ -17,10 +17,11 @@ from loquant.kernels.triton_qmm import _gemm_kernel
 GEMV, GEMM, DEQUANT, MMA, WGMMA = 1, 2, 3, 4, 5
 # Path by M, from the H100 measurements in BENCHMARKS.md: the Gluon GEMV up to GEMV_MAX_M
 # rows; on Hopper the Gluon wgmma kernel from WGMMA_MIN_M rows where its tiles fill the GPU
-# (gluon_wgmma.fills), up to WGMMA_MAX_M rows for int / int-sym at 2 and 4 bits (the 16-bit
-# pair decode) and WGMMA_MAX_M_FP32 for nf and 3 bits (decoded through fp32): above those,
-# dequantize + cuBLAS won (11008 x 4096: INT4 at M = 1024 176 against 193 µs, NF4 at M =
-# 512 109 against 123); the Gluon mma.sync kernel up to MMA_MAX_M (where K is whole
+# (gluon_wgmma.fills), up to WGMMA_MAX_M rows for int / int-sym at 2 and 4 bits and nf4 (the
+# 16-bit pair decodes, gluon_mma.pair_decode) and WGMMA_MAX_M_FP32 for nf2, nf3 and 3 bits
+# (decoded through fp32): above those, dequantize + cuBLAS won (11008 x 4096: INT4 at M =
+# 1024 176 against 193 µs; NF4 at M = 768 128 against 137 since its pair decode); the Gluon
+# mma.sync kernel up to MMA_MAX_M (where K is whole
 # 128-code steps; before Hopper it beat dequantize + cuBLAS up to M = 64); the plain-Triton
 # fused tensor-core kernel for int / int-sym up to GEMM_MAX_M where neither can run; above,
 # the weight is dequantized into a temporary 16-bit matrix that cuBLAS multiplies.
