@@ -26,7 +26,8 @@ def test_path_choice():
     assert ops.pick_path(769, 2, 4, 4096, 64, n=11008, wgmma_sms=132) == ops.DEQUANT
     assert ops.pick_path(256, 2, 2, 4096, 64, n=11008, wgmma_sms=132) == ops.WGMMA
     assert ops.pick_path(257, 2, 2, 4096, 64, n=11008, wgmma_sms=132) == ops.DEQUANT  # nf2: fp32, dequantize sooner
-    assert ops.pick_path(512, 0, 3, 4096, 128, n=11008, wgmma_sms=132) == ops.DEQUANT  # so does 3 bits
+    assert ops.pick_path(512, 0, 3, 4096, 128, n=11008, wgmma_sms=132) == ops.DEQUANT  # int3: fp32 in wgmma
+    assert ops.pick_path(512, 2, 3, 4096, 128, n=11008, wgmma_sms=132) == ops.DEQUANT  # nf3: fp32
     assert ops.pick_path(512, 0, 4, 4096, 128, n=4096, wgmma_sms=132) == ops.DEQUANT  # 128 tiles: under 1.5 waves
     assert ops.pick_path(16, 0, 4, 4096, 128, n=11008, wgmma_sms=132) == ops.MMA
     assert ops.pick_path(64, 0, 4, 4096, 128, n=4096, wgmma_sms=132) == ops.MMA  # 32 tiles: too few for 132 SMs

@@ -91,6 +91,7 @@ F16 = [
     WeightFormat("nf", 3, 64),
     WeightFormat("int-sym", 2, 128),
     WeightFormat("nf", 4, 64),
+    WeightFormat("int", 3, 128),
 ]
 
 

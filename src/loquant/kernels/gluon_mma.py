@@ -8,9 +8,11 @@ What makes that possible straight from loquant's packed layout is that a dot pro
 not care in which order it visits K. Within a step of BK codes, thread q (of the 4 threads
 that share a fragment row) is given the physical codes [q·BK/4, (q+1)·BK/4) of its two rows:
 one contiguous run of words (a 16-byte load at 4 bits, BK = 128). Codes s and s + CPU/2 of a
-word fill one 16-bit register pair, in the slot pair (2q + 16t + 8h, +1) of MMA t, pair index
-2t + h running over the thread's words. For int formats at 2 and 4 bits one shift and one
-LOP3 turn a word into such a pair of (magic + code) values, and two HFMA2 scale it. x's B
+unit fill one 16-bit register pair, in the slot pair (2q + 16t + 8h, +1) of MMA t, pair index
+2t + h running over the thread's units. For int formats one shift (at 3 bits: two funnel
+shifts and a PRMT) and one LOP3 turn a word into such a pair of (magic + code) values, and two
+HFMA2 scale it; for nf4, PRMTs look 4 codes up at once in the book held in 8 registers
+(gluon_gemv.nf4_lut) and one HFMA2 scales a pair. nf2 and nf3 decode through fp32. x's B
 fragments take the same permutation: x is read as int32 words (contiguous, 16-byte loads)
 and each B register is one PRMT of two of them. The reshapes and permutes below only rename
 registers: the layouts are built so that they agree with mma.sync's operand layouts lane for
@@ -164,10 +166,21 @@ def _decode(w0, w1, w2, sc, zz, sh, book, ONE, NEG, BITS: gl.constexpr, FMT: gl.
         w = gl.inline_asm_elementwise(DEC, "=r,=r" + ",r" * 48, [gl.join(v, v), gl.join(sel, sel), gl.join(p2, p2),
                                       gl.join(q2, q2), book[0], book[1], book[2], book[3], book[4], book[5], book[6],
                                       book[7]], dtype=dt_ptr.dtype.element_ty, is_pure=True, pack=4)  # fmt: skip
-    elif PAIRS:  # codes s and s + CPU/2 of a word -> one 16-bit pair: shift, mask, two HFMA2
+    elif PAIRS:  # codes s and s + CPU/2 of a unit -> one 16-bit pair: shift, mask, two HFMA2
         # w = (v - n) · s + r with v = MAGIC + code: v - n is an integer, exact in 16 bits
         P2 = gl.inline_asm_elementwise(PACK, "=r,h", [sc.to(xdt)], dtype=gl.int32, is_pure=True, pack=1)
-        v, shp = gl.broadcast(gl.expand_dims(w0, 3), sh * BITS)
+        if BITS == 3:  # codes s and s + 16 of the unit's 96 bits: a funnel shift each (the words by s, constant)
+            o = sh * 3
+            e0 = gl.expand_dims(w0, 3)
+            e1 = gl.expand_dims(w1, 3)
+            e2 = gl.expand_dims(w2, 3)
+            v = gl.where(o < 32, e0, e1)  # code s: bits o .. o + 2 of (hi:lo) = v, ha
+            ha = gl.where(o < 32, e1, e2)
+            lb = gl.where(o < 16, e1, e2)  # code s + 16: bits o + 48 .. of (e2:lb)
+            hb, ra = gl.broadcast(e2, o & 31)
+            _, rb = gl.broadcast(e2, (o + 16) & 31)
+        else:
+            v, shp = gl.broadcast(gl.expand_dims(w0, 3), sh * BITS)
         one = gl.full(v.shape, 0, gl.int32, layout=L4) + ONE
         if FMT == 1:  # n = MAGIC + 2^(BITS-1), r = 0
             Q2 = gl.zeros_like(P2)
@@ -187,9 +200,15 @@ def _decode(w0, w1, w2, sc, zz, sh, book, ONE, NEG, BITS: gl.constexpr, FMT: gl.
         p2, _ = gl.broadcast(_expand(P2, 2, 3), v)
         q2, _ = gl.broadcast(_expand(Q2, 2, 3), v)
         # pack=2 over a trailing pair dim: the asm's one 32-bit result is both halves, in place
-        w = gl.inline_asm_elementwise(DEC, "=r" + ",r" * 12, [gl.join(v, v), gl.join(shp, shp), gl.join(p2, p2),
-                                      gl.join(q2, q2), gl.join(one, one), gl.join(neg, neg)],
-                                      dtype=dt_ptr.dtype.element_ty, is_pure=True, pack=2)  # fmt: skip
+        if BITS == 3:
+            w = gl.inline_asm_elementwise(DEC, "=r" + ",r" * 20, [gl.join(v, v), gl.join(ha, ha), gl.join(lb, lb),
+                                          gl.join(hb, hb), gl.join(ra, ra), gl.join(rb, rb), gl.join(p2, p2),
+                                          gl.join(q2, q2), gl.join(one, one), gl.join(neg, neg)],
+                                          dtype=dt_ptr.dtype.element_ty, is_pure=True, pack=2)  # fmt: skip
+        else:
+            w = gl.inline_asm_elementwise(DEC, "=r" + ",r" * 12, [gl.join(v, v), gl.join(shp, shp), gl.join(p2, p2),
+                                          gl.join(q2, q2), gl.join(one, one), gl.join(neg, neg)],
+                                          dtype=dt_ptr.dtype.element_ty, is_pure=True, pack=2)  # fmt: skip
     else:
         f = _values(w0, w1, w2, sh, book, ONE, BITS, FMT)
         P, Q = _pq(sc, zz, BITS, FMT, HAS_Z)
@@ -309,16 +328,16 @@ def _pair(value: float, dtype: torch.dtype) -> int:
 
 
 def pair_decode(bits: int, fmt: int) -> bool:
-    """Whether codes decode as 16-bit pairs (int / int-sym at 2 and 4 bits: a shift, a LOP3
-    and two HFMA2; nf4: PRMT lookups in registers, an HFMA2) rather than through fp32 (nf at
-    2 and 3 bits: a table in memory; 3 bits: codes straddle words)."""
-    return bits == 4 if fmt == 2 else bits != 3
+    """Whether codes decode as 16-bit pairs (int / int-sym: a shift, or two funnel shifts and
+    a PRMT at 3 bits, then a LOP3 and two HFMA2; nf4: PRMT lookups in registers, an HFMA2)
+    rather than through fp32 (nf at 2 and 3 bits: a table in memory)."""
+    return fmt != 2 or bits == 4
 
 
-def decode_args(bits: int, fmt: int, dtype: torch.dtype) -> dict:
+def decode_args(bits: int, fmt: int, dtype: torch.dtype, pairs: bool | None = None) -> dict:
     """The runtime and constexpr arguments of `_decode` for codes of bits / fmt and x's dtype:
-    ONE and NEG (pair constants), PAIRS, the DEC and PACK asm, MAGV."""
-    pairs = pair_decode(bits, fmt)
+    ONE and NEG (pair constants), PAIRS (default: pair_decode), the DEC and PACK asm, MAGV."""
+    pairs = pair_decode(bits, fmt) if pairs is None else pairs
     half = "bf16x2" if dtype == torch.bfloat16 else "f16x2"
     magic = 128.0 if dtype == torch.bfloat16 else 1024.0  # its ulp is 1: magic + code is exact
     neg = -(magic + (2 ** (bits - 1) if fmt == 1 else 0))
@@ -326,6 +345,10 @@ def decode_args(bits: int, fmt: int, dtype: torch.dtype) -> dict:
     if pairs and fmt == 2:  # nf4, pack=4: out $0 $1 (pairs s, s + 1), word $2, selector $6, P $10, Q $14, tables $18..
         dec = nf4_asm(f"prmt.b32 nr, $2, $2, $6; BYTES; prmt.b32 nu, nl, nh, 0x6240; fma.rn.{half} $0, nu, $10, $14; "
                       f"prmt.b32 nu, nl, nh, 0x7351; fma.rn.{half} $1, nu, $10, $14;", 18)  # fmt: skip
+    elif bits == 3:  # pack=2: out $0; words $1 $3 (code s), $5 $7 (code s + 16), shifts $9 $11, P $13, Q $15, ...
+        dec = (f"{{ .reg .b32 a, b, t; shf.r.clamp.b32 a, $1, $3, $9; shf.r.clamp.b32 b, $5, $7, $11; "
+               f"prmt.b32 t, a, b, 0x5410; lop3.b32 t, t, {pmask}, {magic2}, 0xea; "
+               f"fma.rn.{half} t, t, $17, $19; fma.rn.{half} $0, t, $13, $15; }}")  # fmt: skip
     else:  # pack=2: output $0, word $1, shift $3, P $5, Q $7, ONE $9, NEG $11
         dec = (f"{{ .reg .b32 t; shr.u32 t, $1, $3; lop3.b32 t, t, {pmask}, {magic2}, 0xea; "
                f"fma.rn.{half} t, t, $9, $11; fma.rn.{half} $0, t, $5, $7; }}")  # fmt: skip

@@ -33,7 +33,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from loquant.kernels import units
+from loquant.kernels import gluon_mma, units
 from loquant.kernels.gluon_gemv import nf4_lut
 from loquant.kernels.gluon_mma import _decode, _layouts, _load, _weight_index, decode_args, fits
 
@@ -140,6 +140,12 @@ def _wgmma_kernel(x_desc, q_ptr, s_ptr, z_ptr, book_ptr, xa_ptr, b_ptr, bias_ptr
     gl.store(y_ptr + (m0 + rm_y) * stride_ym + n0 + rn_y, out, mask=(m0 + rm_y < M) & (n0 + rn_y < N))
 
 
+def pair_decode(bits: int, fmt: int) -> bool:
+    """gluon_mma.pair_decode, but 3-bit codes go through fp32 here: with the funnel-shift pairs
+    the H100 took 76.5 against 68.2 µs at M = 256 (11008 x 4096, BENCHMARKS.md)."""
+    return gluon_mma.pair_decode(bits, fmt) and bits != 3
+
+
 def wgmma_config(m: int, n: int, sms: int) -> dict:
     """x rows per CTA (BM), warpgroups per CTA (WG), 64-row weight slabs per warpgroup (RN),
     x buffers in the TMA ring (STAGES): the best of the H100 sweep at 11008 x 4096
@@ -189,7 +195,7 @@ def wgmma(x2, qweight, scales, offsets, book, A, B, bias, bits: int, fmt: int, n
     xp = x2.view(m, k // BK, BK).index_select(2, x_order(bits, BK, x2.device)).view(m, k)
     gdt = gl.bfloat16 if x2.dtype == torch.bfloat16 else gl.float16
     desc = TensorDescriptor.from_tensor(xp, [bm, BK], gl.NVMMASharedLayout.get_default_for([bm, BK], gdt))
-    dec = decode_args(bits, fmt, x2.dtype)
+    dec = decode_args(bits, fmt, x2.dtype, pair_decode(bits, fmt))
     L4, _, _ = _layouts(bits, bm, BK, 4 * wg, rn, dec["PAIRS"])
     mma = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4 * wg, 1], instr_shape=[16, bm, 16])
     out = gl.BlockedLayout([8, 1], [16, 2], [1, 4 * wg], [0, 1])

@@ -18,8 +18,8 @@ GEMV, GEMM, DEQUANT, MMA, WGMMA = 1, 2, 3, 4, 5
 # Path by M, from the H100 measurements in BENCHMARKS.md: the Gluon GEMV up to GEMV_MAX_M
 # rows; on Hopper the Gluon wgmma kernel from WGMMA_MIN_M rows where its tiles fill the GPU
 # (gluon_wgmma.fills), up to WGMMA_MAX_M rows for int / int-sym at 2 and 4 bits and nf4 (the
-# 16-bit pair decodes, gluon_mma.pair_decode) and WGMMA_MAX_M_FP32 for nf2, nf3 and 3 bits
-# (decoded through fp32): above those, dequantize + cuBLAS won (11008 x 4096: INT4 at M =
+# 16-bit pair decodes, gluon_wgmma.pair_decode) and WGMMA_MAX_M_FP32 for nf2, nf3 and 3 bits
+# (decoded through fp32 there): above those, dequantize + cuBLAS won (11008 x 4096: INT4 at M =
 # 1024 176 against 193 µs; NF4 at M = 768 128 against 137 since its pair decode); the Gluon
 # mma.sync kernel up to MMA_MAX_M (where K is whole
 # 128-code steps; before Hopper it beat dequantize + cuBLAS up to M = 64); the plain-Triton
@@ -136,7 +136,7 @@ def pick_path(m: int, fmt: int, bits: int, k: int, group: int, n: int = 0, wgmma
     if m <= GEMV_MAX_M:
         return GEMV
     fits = gluon_mma.fits(bits, k, group)
-    top = WGMMA_MAX_M if gluon_mma.pair_decode(bits, fmt) else WGMMA_MAX_M_FP32
+    top = WGMMA_MAX_M if gluon_wgmma.pair_decode(bits, fmt) else WGMMA_MAX_M_FP32
     if wgmma_sms and fits and WGMMA_MIN_M <= m <= top and gluon_wgmma.fills(m, n, wgmma_sms):
         return WGMMA
     if m <= MMA_MAX_M and fits:
