@@ -142,7 +142,8 @@ def _wgmma_kernel(x_desc, q_ptr, s_ptr, z_ptr, book_ptr, xa_ptr, b_ptr, bias_ptr
 
 def pair_decode(bits: int, fmt: int) -> bool:
     """gluon_mma.pair_decode, but 3-bit codes go through fp32 here: with the funnel-shift pairs
-    the H100 took 76.5 against 68.2 µs at M = 256 (11008 x 4096, BENCHMARKS.md)."""
+    the H100 took 76.5 against 67.7 µs at M = 256, 159.9 against 140.2 at M = 768 (11008 x
+    4096, BENCHMARKS.md)."""
     return gluon_mma.pair_decode(bits, fmt) and bits != 3
 
 
