@@ -192,7 +192,12 @@ def section_correction(args):
           "r64, x·Aᵀ by cuBLAS first |")  # fmt: skip
     print("|---|---|---|---|---|---|")
     pdl_xa, supported = lowrank.xa, lowrank.pdl_supported
-    cublas = lambda x2, A: (F.linear(x2, A), False)  # noqa: E731
+
+    def cublas(x2, A, ws=None):  # xa from cuBLAS, and the mma kernel's split-K workspace from a memset
+        if ws is not None:
+            ws.zero_()
+        return F.linear(x2, A), False
+
     variants = ((pdl_xa, supported), (pdl_xa, lambda device: False), (cublas, supported))
     for name in ("INT4 g128", "NF4 g64"):
         for m in [m for m in args.ms if m <= ops.MMA_MAX_M]:

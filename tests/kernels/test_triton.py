@@ -258,15 +258,19 @@ def test_epilogue_waits_for_xa(path, m, monkeypatch):
     """x·Aᵀ is the primary of a programmatic dependent launch: captured in a CUDA graph, the
     main kernel starts while it runs. Made slow here (16 columns of K per step), it finishes
     long after the first weight tiles; an epilogue that did not wait (griddepcontrol.wait)
-    would read the NaN-filled xa."""
+    would read the NaN-filled xa, and the mma kernel's split-K atomics (M = 16) would add into
+    the NaN-filled workspace that x·Aᵀ's kernel zeroes."""
     from loquant.kernels import lowrank, qlinear
 
     if not lowrank.pdl_supported(torch.cuda.current_device()):
         pytest.skip("programmatic dependent launch needs sm_90")
 
-    def slow_xa(x2, A):
+    def slow_xa(x2, A, ws=None):  # zeroes the split-K workspace (M = 16) as slowly: its atomics wait too
         out = torch.full((x2.shape[0], A.shape[0]), float("nan"), device="cuda", dtype=x2.dtype)
-        lowrank._xa_kernel[(A.shape[0], x2.shape[0])](x2, A, out, x2.shape[0], x2.shape[1], x2.stride(0),
+        if ws is not None:
+            ws.fill_(float("nan"))
+        lowrank._xa_kernel[(A.shape[0], x2.shape[0])](x2, A, out, out if ws is None else ws, x2.shape[0],
+                                                       x2.shape[1], 0 if ws is None else ws.numel(), x2.stride(0),
                                                        A.stride(0), out.stride(0), MB=1, BK=16, PDL=True)  # fmt: skip
         return out, True
 

@@ -310,6 +310,8 @@ def _mma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, book_ptr, xa_ptr, b_ptr, bias_ptr, y
         rm_y = gl.expand_dims(gl.arange(0, BM, layout=gl.SliceLayout(0, MMA)), 0)
         ymask = (m0 + rm_y < M) & (n0 + rn_y < N)
         wsp = ws_ptr + (m0 + rm_y) * N + n0 + rn_y
+        if PDL:  # with a correction, x·Aᵀ's kernel zeroes ws
+            wait_primary()
         gl.atomic_add(wsp, acc, mask=ymask, sem="relaxed")
         gl.thread_barrier()
         tile = gl.program_id(1) * gl.num_programs(0) + gl.program_id(0)
@@ -399,8 +401,8 @@ def mma(x2, qweight, scales, offsets, book, A, B, bias, bits: int, fmt: int, n: 
     k_split = triton.cdiv(triton.cdiv(k, split), bk) * bk
     split = triton.cdiv(k, k_split)
     y = x2.new_empty(m, n)
-    if split > 1:
-        ws = torch.zeros(m * n + tiles, device=x2.device, dtype=torch.float32)
+    if split > 1:  # partial sums and per-tile tickets, zeroed here or, with a correction, by x·Aᵀ's kernel
+        ws = (torch.zeros if A is None else torch.empty)(m * n + tiles, device=x2.device, dtype=torch.float32)
         cnt = ws[m * n :].view(torch.int32)
     else:
         ws = cnt = y
@@ -413,7 +415,8 @@ def mma(x2, qweight, scales, offsets, book, A, B, bias, bits: int, fmt: int, n: 
     maxnreg = cfg.get("MAXNREG", 168 if pairs and fmt == 0 and bm <= 16 and wn == 4 else None)
     extra = {"maxnreg": maxnreg} if maxnreg else {}
     grid = (triton.cdiv(n, bn), triton.cdiv(m, bm), split)
-    xa, pdl = lowrank.xa(x2, A) if A is not None else (None, False)  # launched last before the kernel
+    # launched last before the kernel
+    xa, pdl = lowrank.xa(x2, A, ws if split > 1 else None) if A is not None else (None, False)
     _mma_kernel[grid](
         x2, qweight.view(torch.int32), scales, offsets if offsets is not None else scales,
         book if book is not None else scales, xa if xa is not None else x2, B if B is not None else x2,
