@@ -16,7 +16,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
 from loquant.kernels import units
-from loquant.kernels.gluon_gemv import _ONE, _expand, _pq, _values
+from loquant.kernels.gluon_gemv import _ONE, _expand, _pq, _values, units_in_group
 
 
 @gluon.jit
@@ -76,10 +76,7 @@ def dequant_config(bits: int, k: int, group: int) -> dict:
     """Rows per thread, units per thread (32 codes; fewer where a group would split them),
     threads along K per warp, warps along rows."""
     cpu = units(bits)[0]
-    v = max(1, 32 // cpu)
-    while v > 1 and group != k and group % (v * cpu):
-        v //= 2
-    return {"RPT": 2, "V": v, "TJ": 8, "WR": 4}
+    return {"RPT": 2, "V": units_in_group(max(1, 32 // cpu), cpu, k, group), "TJ": 8, "WR": 4}
 
 
 def dequantize(qweight, scales, offsets, book, bits: int, fmt: int, n: int, k: int, group: int,

@@ -283,9 +283,15 @@ def gemv_config(m: int, bits: int, k: int, group: int) -> dict:
         cfg = {"MR": 4, "RPT": 2, "V": 2, "TJ": 16, "WR": 4, "WJ": 1}
     if bits == 3:
         cfg["V"] = 1
-    while cfg["V"] > 1 and group != k and group % (cfg["V"] * cpu):
-        cfg["V"] //= 2
+    cfg["V"] = units_in_group(cfg["V"], cpu, k, group)
     return cfg
+
+
+def units_in_group(v: int, cpu: int, k: int, group: int) -> int:
+    """v halved until a thread's v units of cpu codes lie inside one group."""
+    while v > 1 and group != k and group % (v * cpu):
+        v //= 2
+    return v
 
 
 def gemv(x2, qweight, scales, offsets, book, A, B, bias, bits: int, fmt: int, n: int, k: int, group: int,

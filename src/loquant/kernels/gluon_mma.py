@@ -27,6 +27,8 @@ register buffers used in turn.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 from triton.experimental import gluon
@@ -145,6 +147,16 @@ def _load(wrow, ow, prow, rq_p, xrow, kx, kb, wb, i, s_ptr, z_ptr, G: gl.constex
 
 
 @gluon.jit
+def _book(book_ptr, PAIRS: gl.constexpr, FMT: gl.constexpr, xdt: gl.constexpr):
+    """What `_decode` takes as book: nf4_lut's registers for nf4 pairs, else the pointer."""
+    if PAIRS and FMT == 2:
+        book = nf4_lut(book_ptr, xdt)
+    else:
+        book = book_ptr
+    return book
+
+
+@gluon.jit
 def _decode(w0, w1, w2, sc, zz, sh, book, ONE, NEG, BITS: gl.constexpr, FMT: gl.constexpr,
             HAS_Z: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, NU: gl.constexpr, T: gl.constexpr,
             HALF: gl.constexpr, PAIRS: gl.constexpr, DEC: gl.constexpr, PACK: gl.constexpr,
@@ -153,54 +165,53 @@ def _decode(w0, w1, w2, sc, zz, sh, book, ONE, NEG, BITS: gl.constexpr, FMT: gl.
     logical K order (module docstring), laid out as the mma A fragments. book: the nf book's
     pointer, or for nf4 (PAIRS) its registers from `nf4_lut`."""
     xdt: gl.constexpr = dt_ptr.dtype.element_ty
-    if PAIRS and FMT == 2:  # nf4: book is nf4_lut's registers; DEC looks up 4 codes at once, one HFMA2 a pair
+    if PAIRS:  # codes s and s + CPU/2 of a unit -> one 16-bit pair, scaled by HFMA2 (P2, Q2: pair constants)
         P2 = gl.inline_asm_elementwise(PACK, "=r,h", [sc.to(xdt)], dtype=gl.int32, is_pure=True, pack=1)
-        if HAS_Z:
-            Q2 = gl.inline_asm_elementwise(PACK, "=r,h", [zz.to(xdt)], dtype=gl.int32, is_pure=True, pack=1)
-        else:
-            Q2 = gl.zeros_like(P2)
-        # the selector picks the word's bytes with codes s, s + 1, s + 4, s + 5 (s = 0, 2)
-        v, sel = gl.broadcast(gl.expand_dims(w0, 3), 0x20 + (sh >> 1) * 0x11)
+        if FMT == 2:  # nf4: book is nf4_lut's registers; DEC looks up 4 codes at once, one HFMA2 a pair
+            if HAS_Z:
+                Q2 = gl.inline_asm_elementwise(PACK, "=r,h", [zz.to(xdt)], dtype=gl.int32, is_pure=True, pack=1)
+            else:
+                Q2 = gl.zeros_like(P2)
+            # the selector picks the word's bytes with codes s, s + 1, s + 4, s + 5 (s = 0, 2)
+            v, sel = gl.broadcast(gl.expand_dims(w0, 3), 0x20 + (sh >> 1) * 0x11)
+        else:  # int: shift, mask, two HFMA2; w = (v - n) · s + r with v = MAGIC + code, v - n exact in 16 bits
+            if BITS == 3:  # codes s and s + 16 of the unit's 96 bits: a funnel shift each (the words by s, constant)
+                o = sh * 3
+                e0 = gl.expand_dims(w0, 3)
+                e1 = gl.expand_dims(w1, 3)
+                e2 = gl.expand_dims(w2, 3)
+                v = gl.where(o < 32, e0, e1)  # code s: bits o .. o + 2 of (hi:lo) = v, ha
+                ha = gl.where(o < 32, e1, e2)
+                lb = gl.where(o < 16, e1, e2)  # code s + 16: bits o + 48 .. of (e2:lb)
+                hb, ra = gl.broadcast(e2, o & 31)
+                _, rb = gl.broadcast(e2, (o + 16) & 31)
+            else:
+                v, shp = gl.broadcast(gl.expand_dims(w0, 3), sh * BITS)
+            one = gl.full(v.shape, 0, gl.int32, layout=L4) + ONE
+            if FMT == 1:  # n = MAGIC + 2^(BITS-1), r = 0
+                Q2 = gl.zeros_like(P2)
+                neg = gl.full(v.shape, 0, gl.int32, layout=L4) + NEG
+            else:
+                # offset = r - z·s with z the nearest integer: n = MAGIC + z keeps |v - n| <= 2^BITS
+                # and |r| <= s/2, so the 16-bit pair math rounds about as the reference does (the
+                # offset itself, up to 2^BITS·s, rounded to bf16 cost about 1 % of output accuracy)
+                s32 = sc.to(gl.float32)
+                o32 = zz.to(gl.float32)
+                z = gl.where(s32 != 0.0, gl.floor(0.5 - o32 / s32), 0.0)
+                Q2 = gl.inline_asm_elementwise(PACK, "=r,h", [(o32 + z * s32).to(xdt)], dtype=gl.int32,
+                                               is_pure=True, pack=1)  # fmt: skip
+                N2 = gl.inline_asm_elementwise(PACK, "=r,h", [(-(MAGV + z)).to(xdt)], dtype=gl.int32, is_pure=True,
+                                               pack=1)  # fmt: skip
+                neg, _ = gl.broadcast(_expand(N2, 2, 3), v)
         p2, _ = gl.broadcast(_expand(P2, 2, 3), v)
         q2, _ = gl.broadcast(_expand(Q2, 2, 3), v)
-        w = gl.inline_asm_elementwise(DEC, "=r,=r" + ",r" * 48, [gl.join(v, v), gl.join(sel, sel), gl.join(p2, p2),
-                                      gl.join(q2, q2), book[0], book[1], book[2], book[3], book[4], book[5], book[6],
-                                      book[7]], dtype=dt_ptr.dtype.element_ty, is_pure=True, pack=4)  # fmt: skip
-    elif PAIRS:  # codes s and s + CPU/2 of a unit -> one 16-bit pair: shift, mask, two HFMA2
-        # w = (v - n) · s + r with v = MAGIC + code: v - n is an integer, exact in 16 bits
-        P2 = gl.inline_asm_elementwise(PACK, "=r,h", [sc.to(xdt)], dtype=gl.int32, is_pure=True, pack=1)
-        if BITS == 3:  # codes s and s + 16 of the unit's 96 bits: a funnel shift each (the words by s, constant)
-            o = sh * 3
-            e0 = gl.expand_dims(w0, 3)
-            e1 = gl.expand_dims(w1, 3)
-            e2 = gl.expand_dims(w2, 3)
-            v = gl.where(o < 32, e0, e1)  # code s: bits o .. o + 2 of (hi:lo) = v, ha
-            ha = gl.where(o < 32, e1, e2)
-            lb = gl.where(o < 16, e1, e2)  # code s + 16: bits o + 48 .. of (e2:lb)
-            hb, ra = gl.broadcast(e2, o & 31)
-            _, rb = gl.broadcast(e2, (o + 16) & 31)
-        else:
-            v, shp = gl.broadcast(gl.expand_dims(w0, 3), sh * BITS)
-        one = gl.full(v.shape, 0, gl.int32, layout=L4) + ONE
-        if FMT == 1:  # n = MAGIC + 2^(BITS-1), r = 0
-            Q2 = gl.zeros_like(P2)
-            neg = gl.full(v.shape, 0, gl.int32, layout=L4) + NEG
-        else:
-            # offset = r - z·s with z the nearest integer: n = MAGIC + z keeps |v - n| <= 2^BITS
-            # and |r| <= s/2, so the 16-bit pair math rounds about as the reference does (the
-            # offset itself, up to 2^BITS·s, rounded to bf16 cost about 1 % of output accuracy)
-            s32 = sc.to(gl.float32)
-            o32 = zz.to(gl.float32)
-            z = gl.where(s32 != 0.0, gl.floor(0.5 - o32 / s32), 0.0)
-            Q2 = gl.inline_asm_elementwise(PACK, "=r,h", [(o32 + z * s32).to(xdt)], dtype=gl.int32, is_pure=True,
-                                           pack=1)  # fmt: skip
-            N2 = gl.inline_asm_elementwise(PACK, "=r,h", [(-(MAGV + z)).to(xdt)], dtype=gl.int32, is_pure=True,
-                                           pack=1)  # fmt: skip
-            neg, _ = gl.broadcast(_expand(N2, 2, 3), v)
-        p2, _ = gl.broadcast(_expand(P2, 2, 3), v)
-        q2, _ = gl.broadcast(_expand(Q2, 2, 3), v)
-        # pack=2 over a trailing pair dim: the asm's one 32-bit result is both halves, in place
-        if BITS == 3:
+        # over a trailing pair dim (join): each 32-bit asm result is both halves of a pair, in place
+        if FMT == 2:
+            w = gl.inline_asm_elementwise(DEC, "=r,=r" + ",r" * 48, [gl.join(v, v), gl.join(sel, sel),
+                                          gl.join(p2, p2), gl.join(q2, q2), book[0], book[1], book[2], book[3],
+                                          book[4], book[5], book[6], book[7]], dtype=dt_ptr.dtype.element_ty,
+                                          is_pure=True, pack=4)  # fmt: skip
+        elif BITS == 3:
             w = gl.inline_asm_elementwise(DEC, "=r" + ",r" * 20, [gl.join(v, v), gl.join(ha, ha), gl.join(lb, lb),
                                           gl.join(hb, hb), gl.join(ra, ra), gl.join(rb, rb), gl.join(p2, p2),
                                           gl.join(q2, q2), gl.join(one, one), gl.join(neg, neg)],
@@ -281,10 +292,7 @@ def _mma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, book_ptr, xa_ptr, b_ptr, bias_ptr, y
     LA: gl.constexpr = gl.DotOperandLayout(0, MMA, 2)
     LB: gl.constexpr = gl.DotOperandLayout(1, MMA, 2)
 
-    if PAIRS and FMT == 2:
-        book = nf4_lut(book_ptr, x_ptr.dtype.element_ty)
-    else:
-        book = book_ptr
+    book = _book(book_ptr, PAIRS, FMT, x_ptr.dtype.element_ty)
     acc = gl.zeros([BN, BM], gl.float32, layout=MMA)
     # K % BK == 0 and every split has a step. Two steps per iteration with two register
     # buffers: each is refilled right after its step is decoded and used a step later, so
@@ -336,9 +344,11 @@ def pair_decode(bits: int, fmt: int) -> bool:
     return fmt != 2 or bits == 4
 
 
+@functools.cache
 def decode_args(bits: int, fmt: int, dtype: torch.dtype, pairs: bool | None = None) -> dict:
     """The runtime and constexpr arguments of `_decode` for codes of bits / fmt and x's dtype:
-    ONE and NEG (pair constants), PAIRS (default: pair_decode), the DEC and PACK asm, MAGV."""
+    ONE and NEG (pair constants), PAIRS (default: pair_decode), the DEC and PACK asm, MAGV.
+    Cached (every launch asks; callers only read it)."""
     pairs = pair_decode(bits, fmt) if pairs is None else pairs
     half = "bf16x2" if dtype == torch.bfloat16 else "f16x2"
     magic = 128.0 if dtype == torch.bfloat16 else 1024.0  # its ulp is 1: magic + code is exact

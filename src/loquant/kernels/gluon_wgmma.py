@@ -34,8 +34,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from loquant.kernels import gluon_mma, units
-from loquant.kernels.gluon_gemv import nf4_lut
-from loquant.kernels.gluon_mma import _decode, _layouts, _load, _weight_index, decode_args, fits
+from loquant.kernels.gluon_mma import _book, _decode, _layouts, _load, _weight_index, decode_args, fits
 
 BK = 128  # codes per step: gluon_mma's decode layout (a thread's 32 codes of a row per step)
 
@@ -92,10 +91,7 @@ def _wgmma_kernel(x_desc, q_ptr, s_ptr, z_ptr, book_ptr, xa_ptr, b_ptr, bias_ptr
 
     w0, w1, w2, sc, zz, _ = _load(wrow, ow, prow, rq_p, wrow, ow, 0, 0, 0, s_ptr, z_ptr, G, BITS, HAS_Z, False, BK,
                                   BKW, C)  # fmt: skip
-    if PAIRS and FMT == 2:
-        book = nf4_lut(book_ptr, y_ptr.dtype.element_ty)
-    else:
-        book = book_ptr
+    book = _book(book_ptr, PAIRS, FMT, y_ptr.dtype.element_ty)
     acc = gl.zeros([BN, BM], gl.float32, layout=MMA)
     for i in range(steps):
         st = i % STAGES

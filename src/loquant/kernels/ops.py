@@ -21,10 +21,10 @@ GEMV, GEMM, DEQUANT, MMA, WGMMA = 1, 2, 3, 4, 5
 # 16-bit pair decodes, gluon_wgmma.pair_decode) and WGMMA_MAX_M_FP32 for nf2, nf3 and 3 bits
 # (decoded through fp32 there): above those, dequantize + cuBLAS won (11008 x 4096: INT4 at M =
 # 1024 176 against 193 µs; NF4 at M = 768 128 against 137 since its pair decode); the Gluon
-# mma.sync kernel up to MMA_MAX_M (where K is whole
-# 128-code steps; before Hopper it beat dequantize + cuBLAS up to M = 64); the plain-Triton
-# fused tensor-core kernel for int / int-sym up to GEMM_MAX_M where neither can run; above,
-# the weight is dequantized into a temporary 16-bit matrix that cuBLAS multiplies.
+# mma.sync kernel up to MMA_MAX_M (where K is whole 128-code steps; before Hopper it beat
+# dequantize + cuBLAS up to M = 64); the plain-Triton fused tensor-core kernel for int /
+# int-sym up to GEMM_MAX_M where neither can run; above, the weight is dequantized into a
+# temporary 16-bit matrix that cuBLAS multiplies.
 GEMV_MAX_M = 2
 MMA_MAX_M = 64
 WGMMA_MIN_M = 33
