@@ -258,14 +258,16 @@ def test_epilogue_waits_for_xa(path, m, monkeypatch):
     """x·Aᵀ is the primary of a programmatic dependent launch: captured in a CUDA graph, the
     main kernel starts while it runs. Made slow here (16 columns of K per step), it finishes
     long after the first weight tiles; an epilogue that did not wait (griddepcontrol.wait)
-    would read the NaN-filled xa, and the mma kernel's split-K atomics (M = 16) would add into
-    the NaN-filled workspace that x·Aᵀ's kernel zeroes."""
+    would read the NaN-filled xa. The mma kernel's split-K workspace (M = 16) is NaN-filled
+    too, so it must come out zeroed by x·Aᵀ's kernel. (A missing wait before the split-K
+    atomics goes unseen here: each x·Aᵀ program zeroes its share right after it lets the main
+    kernel start, long before the first atomic.)"""
     from loquant.kernels import lowrank, qlinear
 
     if not lowrank.pdl_supported(torch.cuda.current_device()):
         pytest.skip("programmatic dependent launch needs sm_90")
 
-    def slow_xa(x2, A, ws=None):  # zeroes the split-K workspace (M = 16) as slowly: its atomics wait too
+    def slow_xa(x2, A, ws=None):
         out = torch.full((x2.shape[0], A.shape[0]), float("nan"), device="cuda", dtype=x2.dtype)
         if ws is not None:
             ws.fill_(float("nan"))
