@@ -258,22 +258,16 @@ def test_epilogue_waits_for_xa(path, m, monkeypatch):
     """x·Aᵀ is the primary of a programmatic dependent launch: captured in a CUDA graph, the
     main kernel starts while it runs. Made slow here (16 columns of K per step), it finishes
     long after the first weight tiles; an epilogue that did not wait (griddepcontrol.wait)
-    would read the NaN-filled xa. The mma kernel's split-K workspace (M = 16) is NaN-filled
-    too, so it must come out zeroed by x·Aᵀ's kernel. (A missing wait before the split-K
-    atomics goes unseen here: each x·Aᵀ program zeroes its share right after it lets the main
-    kernel start, long before the first atomic.)"""
+    would read the NaN-filled xa."""
     from loquant.kernels import lowrank, qlinear
 
     if not lowrank.pdl_supported(torch.cuda.current_device()):
         pytest.skip("programmatic dependent launch needs sm_90")
 
-    def slow_xa(x2, A, ws=None):
+    def slow_xa(x2, A):
         out = torch.full((x2.shape[0], A.shape[0]), float("nan"), device="cuda", dtype=x2.dtype)
-        if ws is not None:
-            ws.fill_(float("nan"))
-        lowrank._xa_kernel[(A.shape[0], x2.shape[0])](x2, A, out, out if ws is None else ws, x2.shape[0],
-                                                       x2.shape[1], 0 if ws is None else ws.numel(), x2.stride(0),
-                                                       A.stride(0), out.stride(0), MB=1, BK=16, PDL=True)  # fmt: skip
+        lowrank._xa_kernel[(A.shape[0], x2.shape[0])](x2, A, out, x2.shape[0], x2.shape[1], x2.stride(0), A.stride(0),
+                                                       out.stride(0), MB=1, BK=16, PDL=True)  # fmt: skip
         return out, True
 
     monkeypatch.setattr(lowrank, "xa", slow_xa)

@@ -20,9 +20,10 @@ lane and warp for warp.
 
 A CTA holds 16·WN·RN weight rows (WN warps) and BM x rows; K is split over CTAs when the
 tiles alone would not fill the GPU (SPLIT > 1): partial sums go to an fp32 workspace with
-atomics, and the last CTA of a tile (a per-tile ticket) adds the correction and bias and
-writes y. Each step's words, group parameters and x words are loaded a step ahead, into two
-register buffers used in turn.
+atomics, and the last CTA of a tile (a per-tile ticket) adds the correction and bias,
+writes y and leaves the workspace and ticket zeroed for the next call (kernels/workspace.py).
+Each step's words, group parameters and x words are loaded a step ahead, into two register
+buffers used in turn.
 """
 
 from __future__ import annotations
@@ -35,9 +36,11 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-from loquant.kernels import lowrank, split_k, units
+from loquant.kernels import lowrank, split_k, units, workspace
 from loquant.kernels.gluon_gemv import _ONE, _expand, _pq, _values, nf4_asm, nf4_lut
 from loquant.kernels.lowrank import wait_primary
+
+MAX_M = 64  # the most x rows the dispatcher gives this kernel (ops.MMA_MAX_M)
 
 
 def _log2(v: int) -> int:
@@ -318,14 +321,15 @@ def _mma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, book_ptr, xa_ptr, b_ptr, bias_ptr, y
         rm_y = gl.expand_dims(gl.arange(0, BM, layout=gl.SliceLayout(0, MMA)), 0)
         ymask = (m0 + rm_y < M) & (n0 + rn_y < N)
         wsp = ws_ptr + (m0 + rm_y) * N + n0 + rn_y
-        if PDL:  # with a correction, x·Aᵀ's kernel zeroes ws
-            wait_primary()
         gl.atomic_add(wsp, acc, mask=ymask, sem="relaxed")
         gl.thread_barrier()
         tile = gl.program_id(1) * gl.num_programs(0) + gl.program_id(0)
         ticket = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
         if ticket == SPLIT - 1:  # the last CTA of this tile: every partial sum is in ws
             acc = gl.load(wsp, mask=ymask, other=0.0, cache_modifier=".cg")
+            # ws and the ticket back to zero for the next call (workspace.zeroed)
+            gl.store(wsp, gl.zeros_like(acc), mask=ymask)
+            gl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed")
             _finish(acc, xa_ptr, b_ptr, bias_ptr, y_ptr, n0, m0, M, N, R, stride_xam, stride_ym,
                     HAS_CORR, HAS_BIAS, RP, WN, MMA, PDL)  # fmt: skip
 
@@ -411,8 +415,9 @@ def mma(x2, qweight, scales, offsets, book, A, B, bias, bits: int, fmt: int, n: 
     k_split = triton.cdiv(triton.cdiv(k, split), bk) * bk
     split = triton.cdiv(k, k_split)
     y = x2.new_empty(m, n)
-    if split > 1:  # partial sums and per-tile tickets, zeroed here or, with a correction, by x·Aᵀ's kernel
-        ws = (torch.zeros if A is None else torch.empty)(m * n + tiles, device=x2.device, dtype=torch.float32)
+    if split > 1:  # partial sums and per-tile tickets; the kernel leaves them zeroed
+        reserve = max(m, MAX_M) * n + tiles  # the layer's largest call on this path
+        ws = workspace.zeroed(m * n + tiles, x2.device, reserve)
         cnt = ws[m * n :].view(torch.int32)
     else:
         ws = cnt = y
@@ -426,7 +431,7 @@ def mma(x2, qweight, scales, offsets, book, A, B, bias, bits: int, fmt: int, n: 
     extra = {"maxnreg": maxnreg} if maxnreg else {}
     grid = (triton.cdiv(n, bn), triton.cdiv(m, bm), split)
     # launched last before the kernel
-    xa, pdl = lowrank.xa(x2, A, ws if split > 1 else None) if A is not None else (None, False)
+    xa, pdl = lowrank.xa(x2, A) if A is not None else (None, False)
     _mma_kernel[grid](
         x2, qweight.view(torch.int32), scales, offsets if offsets is not None else scales,
         book if book is not None else scales, xa if xa is not None else x2, B if B is not None else x2,

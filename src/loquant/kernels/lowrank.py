@@ -25,18 +25,11 @@ from triton.language.extra.cuda import gdc_launch_dependents
 
 
 @triton.jit
-def _xa_kernel(x_ptr, a_ptr, xa_ptr, ws_ptr, M, K, WN, stride_xm, stride_am, stride_om,
-               MB: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
-    """One rank row of A per program, MB x rows: xa[rows, r] = Σ_k x[rows, k] · A[r, k]; and
-    ws[:WN] zeroed, each program its share (WN may be 0)."""
+def _xa_kernel(x_ptr, a_ptr, xa_ptr, M, K, stride_xm, stride_am, stride_om, MB: tl.constexpr, BK: tl.constexpr,
+               PDL: tl.constexpr):  # fmt: skip
+    """One rank row of A per program, MB x rows: xa[rows, r] = Σ_k x[rows, k] · A[r, k]."""
     if PDL:
         gdc_launch_dependents()
-    if WN > 0:
-        p = tl.program_id(0) + tl.program_id(1) * tl.num_programs(0)
-        chunk = tl.cdiv(tl.cdiv(WN, tl.num_programs(0) * tl.num_programs(1)), 1024) * 1024
-        rz = tl.arange(0, 1024)
-        for i in range(p * chunk, tl.minimum(p * chunk + chunk, WN), 1024):
-            tl.store(ws_ptr + i + rz, tl.zeros([1024], tl.float32), mask=i + rz < WN)
     r = tl.program_id(0)
     rm = tl.program_id(1) * MB + tl.arange(0, MB)
     rk = tl.arange(0, BK)
@@ -63,12 +56,10 @@ def pdl_supported(device: int) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def xa(x2: torch.Tensor, A: torch.Tensor, ws: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
-    """Launch x2 (M x k) · Aᵀ (A: r x k, x's dtype) -> (xa (M x r), pdl), and zero ws (fp32,
-    contiguous: the mma kernel's split-K workspace; one launch fewer than a memset, 1-1.5 µs
-    at M = 4-16 on the H100) in the same kernel. With pdl true the kernel launched next on
-    this stream must be launched with launch_pdl=True and call wait_primary before it reads
-    xa or ws (and nothing may be launched in between)."""
+def xa(x2: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Launch x2 (M x k) · Aᵀ (A: r x k, x's dtype) -> (xa (M x r), pdl). With pdl true the
+    kernel launched next on this stream must be launched with launch_pdl=True and call
+    wait_primary before it reads xa (and nothing may be launched in between)."""
     m, k = x2.shape
     r = A.shape[0]
     A = A if A.stride(1) == 1 else A.contiguous()
@@ -76,7 +67,6 @@ def xa(x2: torch.Tensor, A: torch.Tensor, ws: torch.Tensor | None = None) -> tup
     mb = min(triton.next_power_of_2(m), 2)  # more programs, short ones: the main kernel's CTAs wait for slots
     bk = min(triton.next_power_of_2(k), 4096 // mb)  # 32 products per thread and step
     pdl = pdl_supported(x2.device.index or 0)
-    wn = 0 if ws is None else ws.numel()
-    _xa_kernel[(r, triton.cdiv(m, mb))](x2, A, out, out if ws is None else ws, m, k, wn, x2.stride(0), A.stride(0),
-                                        out.stride(0), MB=mb, BK=bk, PDL=pdl, num_warps=4)  # fmt: skip
+    _xa_kernel[(r, triton.cdiv(m, mb))](x2, A, out, m, k, x2.stride(0), A.stride(0), out.stride(0), MB=mb, BK=bk,
+                                        PDL=pdl, num_warps=4)  # fmt: skip
     return out, pdl

@@ -26,7 +26,7 @@ GEMV, GEMM, DEQUANT, MMA, WGMMA = 1, 2, 3, 4, 5
 # int-sym up to GEMM_MAX_M where neither can run; above, the weight is dequantized into a
 # temporary 16-bit matrix that cuBLAS multiplies.
 GEMV_MAX_M = 2
-MMA_MAX_M = 64
+MMA_MAX_M = gluon_mma.MAX_M
 WGMMA_MIN_M = 33
 WGMMA_MAX_M = 768
 WGMMA_MAX_M_FP32 = 256
