@@ -286,6 +286,48 @@ def test_epilogue_waits_for_xa(path, m, monkeypatch):
     assert ((y.float() - ref).norm() / ref.norm()).item() < 1e-2
 
 
+@pytest.mark.parametrize("path,m", [(ops.GEMV, 1), (ops.MMA, 16)])
+def test_xa_waits_for_the_kernel_before(path, m):
+    """x·Aᵀ is launched as a dependent of the kernel before it. Here that kernel lets its
+    dependents start at once (griddepcontrol.launch_dependents) and writes x only after
+    spinning for 2 ms (far longer than the host takes to launch the next kernels): an x·Aᵀ
+    that did not wait for it (griddepcontrol.wait) would read the zeros x held before, and so
+    would a main kernel started before that wait."""
+    import triton
+    import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, globaltimer
+
+    from loquant.kernels import lowrank
+
+    if not lowrank.pdl_supported(torch.cuda.current_device()):
+        pytest.skip("programmatic dependent launch needs sm_90")
+
+    @triton.jit
+    def late_copy(src, dst, n, NS: tl.constexpr, BLOCK: tl.constexpr):
+        gdc_launch_dependents()
+        t0 = globaltimer()
+        while globaltimer() - t0 < NS:
+            pass
+        offs = tl.arange(0, BLOCK)
+        for i in range(0, n, BLOCK):
+            tl.store(dst + i + offs, tl.load(src + i + offs, mask=i + offs < n), mask=i + offs < n)
+
+    q = layer(WeightFormat("int", 4, 128), 4100, 4096, rank=64, bias=False, seed=13)
+    final = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+    x = torch.zeros_like(final)
+    with torch.no_grad():
+        state, A, B, bias = q._kernel_state(torch.bfloat16)
+        qlinear(x, state, A, B, bias, path=path)  # compiles
+        late_copy[(1,)](final, x, x.numel(), NS=2_000_000, BLOCK=1024)
+        x.zero_()
+        torch.cuda.synchronize()
+        late_copy[(1,)](final, x, x.numel(), NS=2_000_000, BLOCK=1024)
+        y = qlinear(x, state, A, B, bias, path=path)
+        torch.cuda.synchronize()
+    ref = reference(q, final)
+    assert ((y.float() - ref).norm() / ref.norm()).item() < 1e-2, "x·Aᵀ or the main kernel read x too early"
+
+
 @pytest.mark.parametrize("m", [1, 16, 200])
 def test_in_a_cuda_graph(m):
     """Decode servers replay captured graphs: the GEMV (M = 1), the split-K mma kernel

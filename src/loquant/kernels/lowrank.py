@@ -9,7 +9,9 @@ it lets the next kernel start as soon as its own programs run
 (griddepcontrol.launch_dependents), and the main kernel waits (griddepcontrol.wait,
 `wait_primary`) only before it reads xa. Measured, that hides part of the pair's cost (+22 %
 against +33 % launched plainly, INT4 at M = 1): the main kernel's first tiles then wait in
-their slots. Before Hopper the two kernels run one after the other.
+their slots. It is itself launched as a dependent of whatever kernel ran before (which may
+still be writing x): it waits for that one before anything else, so its launch overlaps the
+other's end. Before Hopper the two kernels run one after the other.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import triton
 import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.language.extra.cuda import gdc_launch_dependents
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
 @triton.jit
@@ -29,6 +31,9 @@ def _xa_kernel(x_ptr, a_ptr, xa_ptr, M, K, stride_xm, stride_am, stride_om, MB: 
                PDL: tl.constexpr):  # fmt: skip
     """One rank row of A per program, MB x rows: xa[rows, r] = Σ_k x[rows, k] · A[r, k]."""
     if PDL:
+        # launched as a dependent of the kernel before it (which may still be writing x):
+        # wait for it, then let the main kernel (which reads x at once) start
+        gdc_wait()
         gdc_launch_dependents()
     r = tl.program_id(0)
     rm = tl.program_id(1) * MB + tl.arange(0, MB)
@@ -68,5 +73,5 @@ def xa(x2: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, bool]:
     bk = min(triton.next_power_of_2(k), 4096 // mb)  # 32 products per thread and step
     pdl = pdl_supported(x2.device.index or 0)
     _xa_kernel[(r, triton.cdiv(m, mb))](x2, A, out, m, k, x2.stride(0), A.stride(0), out.stride(0), MB=mb, BK=bk,
-                                        PDL=pdl, num_warps=4)  # fmt: skip
+                                        PDL=pdl, launch_pdl=pdl, num_warps=4)  # fmt: skip
     return out, pdl
