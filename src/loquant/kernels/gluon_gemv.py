@@ -138,7 +138,6 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, book_ptr, xa_ptr, b_ptr, bias_ptr, 
     BN: gl.constexpr = RPT * TR * WR
     J: gl.constexpr = TJ * WJ
     STEP: gl.constexpr = J * V  # units per K step
-    CS: gl.constexpr = 1 << BITS
     # dims: (x rows, weight rows, thread columns, words, codes); a thread owns MR x rows,
     # RPT weight rows, V words of each and all their codes
     L5: gl.constexpr = gl.BlockedLayout([MR, RPT, 1, V, CPU], [1, TR, TJ, 1, 1], [1, WR, WJ, 1, 1], [4, 3, 2, 1, 0])
@@ -188,6 +187,7 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, book_ptr, xa_ptr, b_ptr, bias_ptr, 
         w2 = gl.load(wrow + u_w * WPU + 2, mask=mask_w, other=0)
     mask_p = nmask_p & (rj_p * V < KU)
     sc = gl.load(s_ptr + prow + (rj_p * V * CPU) // G, mask=mask_p, other=0.0)
+    zz = sc  # (unused without offsets)
     if HAS_Z:
         zz = gl.load(z_ptr + prow + (rj_p * V * CPU) // G, mask=mask_p, other=0.0)
     if HAS_CORR:  # the first rank chunk of B is loaded now, its latency hidden by the loop
@@ -203,6 +203,7 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, book_ptr, xa_ptr, b_ptr, bias_ptr, 
         gn = ((k0 + STEP + rj_p * V) * CPU) // G
         mask_pn = nmask_p & (k0 + STEP + rj_p * V < KU)
         scn = gl.load(s_ptr + prow + gn, mask=mask_pn, other=0.0)
+        zzn = scn
         if HAS_Z:
             zzn = gl.load(z_ptr + prow + gn, mask=mask_pn, other=0.0)
         xk = k0 * CPU + kx
@@ -214,27 +215,22 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, book_ptr, xa_ptr, b_ptr, bias_ptr, 
         else:
             f = _values(w0, w0, w0, sh, book_ptr, ONE, BITS, FMT)
         t = gl.sum(gl.sum(gl.expand_dims(f, 0) * gl.expand_dims(xv, 1), axis=4), axis=3)
-        P = gl.expand_dims(sc.to(gl.float32), 0)
-        if FMT == 2:
+        P, Q = _pq(sc, zz, BITS, FMT, HAS_Z)
+        P = gl.expand_dims(P, 0)
+        if FMT == 2:  # Q is the icq shift or 0 (then x's sum is not needed)
             acc += P * t
             if HAS_Z:
                 xs = gl.convert_layout(gl.sum(gl.sum(xv, axis=3), axis=2), LXS, assert_trivial=True)
-                acc += gl.expand_dims(zz.to(gl.float32), 0) * gl.expand_dims(xs, 1)
+                acc += gl.expand_dims(Q, 0) * gl.expand_dims(xs, 1)
         else:
-            P = P * CS
-            if FMT == 1:
-                Q = P * (-1.5)
-            else:
-                Q = gl.expand_dims(zz.to(gl.float32), 0) - P
             xs = gl.convert_layout(gl.sum(gl.sum(xv, axis=3), axis=2), LXS, assert_trivial=True)
-            acc += P * t + Q * gl.expand_dims(xs, 1)
+            acc += P * t + gl.expand_dims(Q, 0) * gl.expand_dims(xs, 1)
         w0 = nw0
         if BITS == 3:
             w1 = nw1
             w2 = nw2
         sc = scn
-        if HAS_Z:
-            zz = zzn
+        zz = zzn
     if HAS_CORR:  # xa · B[rows]ᵀ joins the partial sums before their one reduction, r along the thread columns
         if PDL:
             wait_primary()

@@ -430,8 +430,7 @@ def mma(x2, qweight, scales, offsets, book, A, B, bias, bits: int, fmt: int, n: 
     maxnreg = cfg.get("MAXNREG", 168 if pairs and fmt == 0 and bm <= 16 and wn == 4 else None)
     extra = {"maxnreg": maxnreg} if maxnreg else {}
     grid = (triton.cdiv(n, bn), triton.cdiv(m, bm), split)
-    # launched last before the kernel
-    xa, pdl = lowrank.xa(x2, A) if A is not None else (None, False)
+    xa, pdl = lowrank.xa(x2, A) if A is not None else (None, False)  # launched last before the kernel
     _mma_kernel[grid](
         x2, qweight.view(torch.int32), scales, offsets if offsets is not None else scales,
         book if book is not None else scales, xa if xa is not None else x2, B if B is not None else x2,
