@@ -32,3 +32,17 @@ def test_path_choice():
     assert ops.pick_path(16, 0, 4, 4096, 128, n=11008, wgmma_sms=132) == ops.MMA
     assert ops.pick_path(64, 0, 4, 4096, 128, n=4096, wgmma_sms=132) == ops.MMA  # 32 tiles: too few for 132 SMs
     assert ops.pick_path(512, 0, 4, 4128, 32, n=11008, wgmma_sms=132) == ops.DEQUANT  # K not whole 128-code steps
+
+
+def test_dequant_chunks():
+    """Whole W below DEQUANT_CHUNK_MIN_M; above, even chunks of about DEQUANT_CHUNK_ROWS rows
+    (multiples of 64) that cover every row once."""
+    assert ops.dequant_chunks(ops.DEQUANT_CHUNK_MIN_M - 1, 11008) == [(0, 11008)]
+    chunks = ops.dequant_chunks(4096, 11008)
+    assert chunks == [(0, 2240), (2240, 4480), (4480, 6720), (6720, 8960), (8960, 11008)]
+    assert ops.dequant_chunks(4096, 4096) == [(0, 2048), (2048, 4096)]
+    assert ops.dequant_chunks(4096, 1000) == [(0, 1000)]
+    for n in (1, 63, 3000, 14336):
+        chunks = ops.dequant_chunks(8192, n)
+        assert chunks[0][0] == 0 and chunks[-1][1] == n
+        assert all(b0 == a1 and (b0 - a0) % 64 == 0 for (a0, b0), (a1, _) in zip(chunks, chunks[1:], strict=False))

@@ -170,6 +170,23 @@ def test_wgmma_configs():
             ops.OVERRIDE.clear()
 
 
+@pytest.mark.parametrize("fmt", [WeightFormat("int", 4, 128), WeightFormat("nf", 4, 64), WeightFormat("int", 3, 32)],
+                         ids=lambda f: f.describe().replace(" ", "-"))  # fmt: skip
+def test_dequant_in_chunks(fmt):
+    """dequantize + cuBLAS a chunk of W's rows at a time (each chunk's packed rows, parameters,
+    correction rows and bias written into its columns of y), with a last chunk shorter than
+    the rest, against the reference and the one-chunk result."""
+    q = layer(fmt, 328, 1024, rank=16, bias=True, seed=9)
+    for rows in (40, 100, 1000):
+        ops.OVERRIDE["dequant"] = {"rows": rows, "min_m": 1}
+        try:
+            assert len(ops.dequant_chunks(5, 328)) == {40: 6, 100: 3, 1000: 1}[rows]
+            check(q, 5, torch.bfloat16, path=ops.DEQUANT)
+            check(q, 33, torch.float16, path=ops.DEQUANT)
+        finally:
+            ops.OVERRIDE.clear()
+
+
 @pytest.mark.parametrize("path", [ops.GEMV, ops.MMA])
 def test_unaligned_input_view(path):
     """x as a view starting 2 bytes into its storage: the mma kernel reads x as int32 words."""

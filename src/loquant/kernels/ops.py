@@ -32,7 +32,10 @@ WGMMA_MAX_M = 768
 WGMMA_MAX_M_FP32 = 256
 GEMV_FALLBACK_M = 8  # where the mma kernel cannot run, the GEMV still beat the fused GEMM to M = 8
 GEMM_MAX_M = 16
-# For tests and the benchmark: {"gemv": gluon_gemv config keys, "mma": {...}, "wgmma": {...}, "gemm": {...}}.
+DEQUANT_CHUNK_ROWS = 2048
+DEQUANT_CHUNK_MIN_M = 2048
+# For tests and the benchmark: {"gemv": gluon_gemv config keys, "mma": {...}, "wgmma": {...}, "gemm": {...},
+# "dequant": {"rows": ..., "min_m": ...}}.
 OVERRIDE: dict[str, dict] = {}
 
 
@@ -112,23 +115,54 @@ def _run_wgmma(x2, qweight, scales, offsets, book, A, B, bias, bits, fmt, n, k, 
     return gluon_wgmma.wgmma(x2, qweight, scales, offsets, book, A, B, bias, bits, fmt, n, k, group, cfg)
 
 
+def dequant_chunks(m: int, n: int) -> list[tuple[int, int]]:
+    """Row ranges of W that _run_dequant dequantizes and multiplies one at a time: about
+    DEQUANT_CHUNK_ROWS rows (a multiple of 64) once M >= DEQUANT_CHUNK_MIN_M, else all of W.
+    A 2048-row chunk of 16-bit W (16 MB at K = 4096) is read by cuBLAS while still in the
+    50 MB L2, so the temporary W is not written to DRAM and read back: 1-5 % faster at M =
+    2048 and 4096 on the H100 (BENCHMARKS.md), and the temporary is a chunk, not all of W.
+    Below M = 2048 the chunks' GEMMs have too few tiles to fill the GPU."""
+    cfg = {"rows": DEQUANT_CHUNK_ROWS, "min_m": DEQUANT_CHUNK_MIN_M} | OVERRIDE.get("dequant", {})
+    if m < cfg["min_m"]:
+        return [(0, n)]
+    parts = max(1, round(n / cfg["rows"]))
+    rows = -(-n // parts // 64) * 64
+    return [(a, min(n, a + rows)) for a in range(0, n, rows)]
+
+
 def _run_dequant(x2, qweight, scales, offsets, book, A, B, bias, bits, fmt, n, k, group):
-    """deq(W) into a temporary matrix that one cuBLAS GEMM multiplies. A correction rides in
-    the same GEMM, [x | x·Aᵀ] · [deq(W) | B]ᵀ, K grown by the rank (zero-padded to 8 for
-    aligned rows): a second GEMM and an add would write y once more and read it twice."""
+    """deq(W) into a temporary matrix that cuBLAS multiplies, a chunk of rows at a time
+    (dequant_chunks). A correction rides in the same GEMM, [x | x·Aᵀ] · [deq(W) | B]ᵀ, K grown
+    by the rank (zero-padded to 8 for aligned rows): a second GEMM and an add would write y
+    once more and read it twice."""
+    m = x2.shape[0]
     r = B.shape[1] if B is not None else 0
     kc = k + -(-r // 8) * 8
-    w = x2.new_empty(n, kc)
-    gluon_dequant.dequantize(qweight, scales, offsets, book, bits, fmt, n, k, group, w[:, :k])
-    if not r:
-        return F.linear(x2, w, bias)
-    w[:, k : k + r] = B
+    xc = x2
+    if r:
+        xc = x2.new_empty(m, kc)
+        xc[:, :k] = x2
+        xc[:, k : k + r] = F.linear(x2, A)
+        xc[:, k + r :] = 0
+    chunks = dequant_chunks(m, n)
+    w = x2.new_empty(max(b - a for a, b in chunks), kc)
     w[:, k + r :] = 0
-    xc = x2.new_empty(x2.shape[0], kc)
-    xc[:, :k] = x2
-    xc[:, k : k + r] = F.linear(x2, A)
-    xc[:, k + r :] = 0
-    return F.linear(xc, w, bias)
+    y = x2.new_empty(m, n)
+    rb = k * bits // 8  # packed bytes per row
+    for a, b in chunks:
+        wc = w[: b - a]
+        z = offsets[a:b] if offsets is not None else None
+        gluon_dequant.dequantize(qweight[a * rb : b * rb], scales[a:b], z, book, bits, fmt, b - a, k, group, wc[:, :k])
+        if r:
+            wc[:, k : k + r] = B[a:b]
+        if len(chunks) == 1:
+            return F.linear(xc, wc, bias)
+        # into y's columns in place: cuBLAS takes y's row stride as the output's leading dimension
+        if bias is None:
+            torch.mm(xc, wc.t(), out=y[:, a:b])
+        else:
+            torch.addmm(bias[a:b], xc, wc.t(), out=y[:, a:b])
+    return y
 
 
 def pick_path(m: int, fmt: int, bits: int, k: int, group: int, n: int = 0, wgmma_sms: int = 0) -> int:
