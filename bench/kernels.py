@@ -8,7 +8,8 @@ the 50 MB L2. Inputs are random normal (never zeros). GB/s counts the bytes each
 move: packed weight and its parameters (and correction), x, y.
 
     python bench/kernels.py                     # everything (tables in markdown)
-    python bench/kernels.py --sections target   # target, correction, paths, shapes, block, configs, dequant, crossover
+    python bench/kernels.py --sections target   # or correction, paths, shapes, block, configs, dequant,
+                                                # crossover, host
 """
 
 from __future__ import annotations
@@ -313,6 +314,61 @@ def section_shapes(args):
                 print(f"| {model} | {lname} {out_f}×{in_f} | {m} | {bf:.1f} | {tg:.1f} | {bb:.1f} | {us:.1f} | "
                       f"{gbs:.0f} | {100 * gbs / COPY_BW:.0f} % | {bf / us:.2f}× | {tg / us:.2f}× | {bb / us:.2f}× |",
                       flush=True)  # fmt: skip
+
+
+def eager_us(fn, calls: int = 1000, repeats: int = 5) -> tuple[float, float]:
+    """(host µs, wall µs) per call of fn issued back to back without a CUDA graph: the time to
+    issue the calls, and the time until the GPU has run them all; the least of `repeats` runs
+    of `calls` calls (the host's own noise only ever adds time)."""
+    host, wall = [], []
+    for _ in range(repeats):
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        host.append((t1 - t0) / calls * 1e6)
+        wall.append((time.perf_counter() - t0) / calls * 1e6)
+    return min(host), min(wall)
+
+
+def section_host(args):
+    """Eager calls, as a model runs without CUDA graphs or torch.compile: the host time of a
+    call (on a 256 x 4096 layer, whose kernels take a few µs, so the host is what limits)
+    and the wall time per call on the target layer (weights rotated as elsewhere)."""
+    print("\n### Eager calls (no CUDA graph): host µs per call (256 × 4096 layer) and wall µs per call "
+          "(11008 × 4096, calls back to back)\n")  # fmt: skip
+    names = [("INT4 g128", 0), ("INT4 g128", 64), ("NF4 g64", 0), ("NF4 g64", 64)]
+    print("| M | bf16 F.linear | " + " | ".join(f"{n}{' + r64' if r else ''}" for n, r in names) + " |")
+    print("|---" * (2 + len(names)) + "|")
+    for m in args.ms:
+        cells = []
+        for n_out, fmt, rank in [(n, None, 0) for n in (256, 11008)] + [
+            (n, FORMATS[f], r) for f, r in names for n in (256, 11008)
+        ]:
+            x = torch.randn(m, 4096, device="cuda", dtype=DT)
+            if fmt is None:
+
+                def make(n_out=n_out, x=x):
+                    w = torch.randn(n_out, 4096, device="cuda", dtype=DT)
+                    return lambda: F.linear(x, w)
+
+                nb = n_out * 4096 * 2
+            else:
+                base = loquant_layer(n_out, 4096, fmt, rank)
+
+                def make(base=base, x=x):
+                    layer = clone_layer(base)
+                    return lambda: layer(x)
+
+                nb = nbytes(*base.packed().values(), base.A, base.B)
+            with torch.inference_mode():
+                cells.append(eager_us(rotating(make, nb))[0 if n_out == 256 else 1])
+        pairs = [f"{cells[i]:.1f} / {cells[i + 1]:.1f}" for i in range(0, len(cells), 2)]
+        print(f"| {m} | " + " | ".join(pairs) + " |", flush=True)
 
 
 def section_block(args):

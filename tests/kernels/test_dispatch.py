@@ -49,3 +49,25 @@ def test_kernel_call_refuses_an_input_of_the_wrong_width():
     q = QuantLinear.from_weight(torch.randn(8, 256), None, WeightFormat("int", 4, 64))
     with pytest.raises(ValueError, match="input has 255 features, the layer takes 256"):
         qlinear(torch.randn(3, 255, dtype=torch.bfloat16), prepare(q.packed(), q.fmt, (8, 256)))
+
+
+def test_through_operator_for_compile_fake_tensors_and_dispatch_modes():
+    """Plain eager tensors go to the launcher directly; fake tensors and dispatch modes (which
+    must record the call) go through torch.ops.loquant.qmm."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from loquant.kernels import through_operator
+
+    class Seen(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(2, 8)
+    assert not through_operator(x)
+    with Seen():
+        assert through_operator(x)
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(x)
+        assert through_operator(fake)
+    assert through_operator(fake)  # a subclass, with no mode active

@@ -46,3 +46,15 @@ def test_dequant_chunks():
         chunks = ops.dequant_chunks(8192, n)
         assert chunks[0][0] == 0 and chunks[-1][1] == n
         assert all(b0 == a1 and (b0 - a0) % 64 == 0 for (a0, b0), (a1, _) in zip(chunks, chunks[1:], strict=False))
+
+
+def test_host_arithmetic_matches_triton():
+    """The launchers' cdiv / next_pow2 (plain Python) give triton.cdiv / next_power_of_2."""
+    import triton
+
+    from loquant.kernels import cdiv, next_pow2
+
+    for a in (1, 2, 3, 63, 64, 65, 11008, 4096 * 11008 + 1):
+        assert next_pow2(a) == triton.next_power_of_2(a)
+        for b in (1, 2, 7, 64, 128):
+            assert cdiv(a, b) == triton.cdiv(a, b)

@@ -23,6 +23,17 @@ def units(bits: int) -> tuple[int, int]:
     return (32, 3) if bits == 3 else (32 // bits, 1)
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for the launchers' host arithmetic: triton.cdiv is a constexpr function that
+    costs 1.5-3 µs of host time a call, and a launch made a dozen such calls."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1); triton.next_power_of_2 without its host cost."""
+    return 1 << (n - 1).bit_length()
+
+
 def kernel_reason(fmt: WeightFormat, out_features: int, in_features: int) -> str | None:
     """Why a layer cannot use the Triton kernels (None: it can)."""
     if fmt.bits not in (2, 3, 4):
@@ -71,6 +82,14 @@ def prepare(tensors: dict[str, torch.Tensor], fmt: WeightFormat, shape: tuple[in
     }
 
 
+def through_operator(x: torch.Tensor) -> bool:
+    """Whether a kernel call must go through the registered operator (torch.ops.loquant.qmm):
+    under torch.compile, for a tensor subclass (fake tensors) or under a dispatch mode (make_fx,
+    FlopCounterMode), which must see the call. Plain eager calls run the launcher directly:
+    the operator's dispatch costs host time on every call (BENCHMARKS.md)."""
+    return torch.compiler.is_compiling() or type(x) is not torch.Tensor or torch._C._len_torch_dispatch_stack() > 0
+
+
 def qlinear(
     x: torch.Tensor,
     prepared: dict,
@@ -82,13 +101,14 @@ def qlinear(
     """y = x · deq(W)ᵀ + (x · Aᵀ) · Bᵀ + bias on CUDA; A, B, bias already in x's dtype."""
     if x.shape[-1] != prepared["k"]:  # the kernels index x by the layer's K: a mismatch would read out of bounds
         raise ValueError(f"input has {x.shape[-1]} features, the layer takes {prepared['k']}")
-    import loquant.kernels.ops  # noqa: F401  (imports triton, registers torch.ops.loquant.qmm)
+    from loquant.kernels import ops  # imports triton, registers torch.ops.loquant.qmm
 
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     p = prepared
-    y = torch.ops.loquant.qmm(x2, p["qweight"], p["scales"], p["offsets"], p["book"], A, B, bias, p["bits"],
-                              p["fmt"], p["n"], p["k"], p["group"], path)  # fmt: skip
+    op = torch.ops.loquant.qmm if through_operator(x2) else ops.run
+    y = op(x2, p["qweight"], p["scales"], p["offsets"], p["book"], A, B, bias, p["bits"], p["fmt"], p["n"], p["k"],
+           p["group"], path)  # fmt: skip
     return y.reshape(*shape[:-1], p["n"])

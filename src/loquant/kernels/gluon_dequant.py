@@ -11,11 +11,10 @@ kernel it replaces did for int at 2 and 4 bits but took 1.6x as long for NF4 and
 from __future__ import annotations
 
 import torch
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
-from loquant.kernels import units
+from loquant.kernels import cdiv, units
 from loquant.kernels.gluon_gemv import _ONE, _expand, _pq, _values, units_in_group
 
 
@@ -89,7 +88,7 @@ def dequantize(qweight, scales, offsets, book, bits: int, fmt: int, n: int, k: i
     cpu = units(bits)[0]
     ku = k // cpu
     bn = cfg["RPT"] * (32 // cfg["TJ"]) * cfg["WR"]
-    _dequant_kernel[(triton.cdiv(n, bn), triton.cdiv(ku, cfg["TJ"] * cfg["V"]))](
+    _dequant_kernel[(cdiv(n, bn), cdiv(ku, cfg["TJ"] * cfg["V"]))](
         qweight.view(torch.int32), scales, offsets if offsets is not None else scales,
         book if book is not None else scales, out, n, ku, k * bits // 32, scales.shape[1], out.stride(0), _ONE,
         G=group, BITS=bits, FMT=fmt, HAS_Z=offsets is not None, num_warps=cfg["WR"], **cfg)  # fmt: skip

@@ -19,11 +19,10 @@ loaded before the current step is decoded (a register double buffer).
 from __future__ import annotations
 
 import torch
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
-from loquant.kernels import lowrank, units
+from loquant.kernels import cdiv, lowrank, units
 from loquant.kernels.lowrank import wait_primary
 
 
@@ -299,7 +298,7 @@ def gemv(x2, qweight, scales, offsets, book, A, B, bias, bits: int, fmt: int, n:
     y = x2.new_empty(m, n)
     r = B.shape[1] if B is not None else 0
     xa, pdl = lowrank.xa(x2, A) if A is not None else (None, False)  # launched last before the GEMV
-    _gemv_kernel[(triton.cdiv(m, cfg["MR"]), triton.cdiv(n, bn))](
+    _gemv_kernel[(cdiv(m, cfg["MR"]), cdiv(n, bn))](
         x2, qweight.view(torch.int32), scales, offsets if offsets is not None else scales,
         book if book is not None else scales, xa if xa is not None else x2, B if B is not None else x2,
         bias if bias is not None else x2, y, m, n, k // cpu, k * bits // 32, scales.shape[1], r, x2.stride(0),

@@ -31,12 +31,11 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-from loquant.kernels import lowrank, split_k, units, workspace
+from loquant.kernels import cdiv, lowrank, next_pow2, split_k, units, workspace
 from loquant.kernels.gluon_gemv import _ONE, _expand, _pq, _values, nf4_asm, nf4_lut
 from loquant.kernels.lowrank import wait_primary
 
@@ -47,9 +46,11 @@ def _log2(v: int) -> int:
     return v.bit_length() - 1
 
 
+@functools.cache
 def _layouts(bits: int, BM: int, BK: int, WN: int, RN: int, pairs: bool):
     """(code layout (BN, 4, NU, CPU or CPU/2 pairs), x layout (BM, 4, C), mma layout) as linear
-    layouts whose lanes and warps match mma.sync's A and B fragments after the K permutation."""
+    layouts whose lanes and warps match mma.sync's A and B fragments after the K permutation.
+    Cached: building them took about 45 µs of host time, on every launch."""
     cpu = units(bits)[0]
     c = BK // 4
     nu = c // cpu
@@ -382,7 +383,7 @@ def mma_config(m: int, bits: int, n: int, k: int, group: int) -> dict:
     """x rows per CTA, codes per K step, warps (16 weight rows each), 16-row slabs per warp,
     K splits (0: chosen at launch). The best of the H100 sweeps at 11008 x 4096, M = 16 and 64
     (BENCHMARKS.md); BK = 256 and one slab per warp were slower there."""
-    return {"BM": max(16, triton.next_power_of_2(min(m, 64))), "BK": 128, "WN": 4, "RN": 2, "SPLIT": 0}
+    return {"BM": max(16, next_pow2(min(m, 64))), "BK": 128, "WN": 4, "RN": 2, "SPLIT": 0}
 
 
 def fits(bits: int, k: int, group: int, bk: int = 128) -> bool:
@@ -408,12 +409,12 @@ def mma(x2, qweight, scales, offsets, book, A, B, bias, bits: int, fmt: int, n: 
     m = x2.shape[0]
     bm, bk, wn, rn = cfg["BM"], cfg["BK"], cfg["WN"], cfg["RN"]
     bn = 16 * wn * rn
-    tiles = triton.cdiv(n, bn) * triton.cdiv(m, bm)
+    tiles = cdiv(n, bn) * cdiv(m, bm)
     # the smallest split with about 1.6 CTAs per SM, 2+ steps each: the best split on the H100
     # for every Llama-2-7B / Llama-3-8B shape at M = 4, 16 and 64 (BENCHMARKS.md)
     split = cfg.get("SPLIT") or split_k(tiles, k // bk, sms, 1.6, 2)
-    k_split = triton.cdiv(triton.cdiv(k, split), bk) * bk
-    split = triton.cdiv(k, k_split)
+    k_split = cdiv(cdiv(k, split), bk) * bk
+    split = cdiv(k, k_split)
     y = x2.new_empty(m, n)
     if split > 1:  # partial sums and per-tile tickets; the kernel leaves them zeroed
         reserve = max(m, MAX_M) * n + tiles  # the layer's largest call on this path
@@ -429,7 +430,7 @@ def mma(x2, qweight, scales, offsets, book, A, B, bias, bits: int, fmt: int, n: 
     # (3 CTAs, no spills in the sm_90 compile) it runs faster (BENCHMARKS.md)
     maxnreg = cfg.get("MAXNREG", 168 if pairs and fmt == 0 and bm <= 16 and wn == 4 else None)
     extra = {"maxnreg": maxnreg} if maxnreg else {}
-    grid = (triton.cdiv(n, bn), triton.cdiv(m, bm), split)
+    grid = (cdiv(n, bn), cdiv(m, bm), split)
     xa, pdl = lowrank.xa(x2, A) if A is not None else (None, False)  # launched last before the kernel
     _mma_kernel[grid](
         x2, qweight.view(torch.int32), scales, offsets if offsets is not None else scales,
@@ -438,6 +439,6 @@ def mma(x2, qweight, scales, offsets, book, A, B, bias, bits: int, fmt: int, n: 
         k_split // units(bits)[0] * units(bits)[1],
         x2.stride(0), xa.stride(0) if xa is not None else 0, y.stride(0), G=group, BITS=bits, FMT=fmt,
         HAS_Z=offsets is not None, HAS_CORR=B is not None, HAS_BIAS=bias is not None, BM=bm, BK=bk, WN=wn,
-        RN=rn, SPLIT=split, RP=max(16, triton.next_power_of_2(max(r, 1))), L4=L4, LX3=LX3, MMA=MMA,
+        RN=rn, SPLIT=split, RP=max(16, next_pow2(max(r, 1))), L4=L4, LX3=LX3, MMA=MMA,
         XPRE=cfg.get("XPRE", bm <= 32), PDL=pdl, launch_pdl=pdl, num_warps=wn, **dec, **extra)  # fmt: skip
     return y

@@ -21,7 +21,6 @@ import functools
 
 import torch
 import torch.nn.functional as F
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -33,7 +32,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from loquant.kernels import gluon_mma, units
+from loquant.kernels import cdiv, gluon_mma, next_pow2, units
 from loquant.kernels.gluon_mma import _book, _decode, _layouts, _load, _weight_index, decode_args, fits
 
 BK = 128  # codes per step: gluon_mma's decode layout (a thread's 32 codes of a row per step)
@@ -155,10 +154,10 @@ def wgmma_config(m: int, n: int, sms: int) -> dict:
         return {"BM": 128, "WG": 2, "RN": 1, "STAGES": 3}
 
     def filled(tiles: int) -> float:
-        return tiles / (triton.cdiv(tiles, sms) * sms)
+        return tiles / (cdiv(tiles, sms) * sms)
 
-    mt = triton.cdiv(m, 256)
-    wg = 2 if filled(mt * triton.cdiv(n, 128)) >= filled(mt * triton.cdiv(n, 64)) - 0.1 else 1
+    mt = cdiv(m, 256)
+    wg = 2 if filled(mt * cdiv(n, 128)) >= filled(mt * cdiv(n, 64)) - 0.1 else 1
     return {"BM": 256, "WG": wg, "RN": 1, "STAGES": 2}
 
 
@@ -169,7 +168,7 @@ def fills(m: int, n: int, sms: int) -> bool:
     Above, against dequantize + cuBLAS, at least 1.5 per SM: with 128 tiles of 4096 rows at M
     = 512 it lost (41.3 against 37.2 µs), with 344 of 11008 rows it won (106.2 against 108.3)."""
     cfg = wgmma_config(m, n, sms)
-    tiles = triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, 64 * cfg["WG"] * cfg["RN"])
+    tiles = cdiv(m, cfg["BM"]) * cdiv(n, 64 * cfg["WG"] * cfg["RN"])
     return tiles >= (0.6 if m <= 256 else 1.5) * sms
 
 
@@ -177,6 +176,17 @@ def fills(m: int, n: int, sms: int) -> bool:
 def supported(device: torch.device) -> bool:
     """wgmma and TMA: Hopper (sm_90) only."""
     return torch.cuda.get_device_capability(device)[0] == 9
+
+
+@functools.cache
+def _wgmma_layouts(bits: int, bm: int, wg: int, rn: int, pairs: bool, dtype: torch.dtype):
+    """(x tile's shared layout, code layout, wgmma accumulator layout, output layout); cached,
+    since building layouts costs host time on every launch."""
+    gdt = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
+    xs = gl.NVMMASharedLayout.get_default_for([bm, BK], gdt)
+    L4, _, _ = _layouts(bits, bm, BK, 4 * wg, rn, pairs)
+    mma = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4 * wg, 1], instr_shape=[16, bm, 16])
+    return xs, L4, mma, gl.BlockedLayout([8, 1], [16, 2], [1, 4 * wg], [0, 1])
 
 
 def wgmma(x2, qweight, scales, offsets, book, A, B, bias, bits: int, fmt: int, n: int, k: int, group: int,
@@ -190,20 +200,17 @@ def wgmma(x2, qweight, scales, offsets, book, A, B, bias, bits: int, fmt: int, n
     bn = 64 * wg * rn
     # x in the decode's K order, one step of BK codes at a time
     xp = x2.view(m, k // BK, BK).index_select(2, x_order(bits, BK, x2.device)).view(m, k)
-    gdt = gl.bfloat16 if x2.dtype == torch.bfloat16 else gl.float16
-    desc = TensorDescriptor.from_tensor(xp, [bm, BK], gl.NVMMASharedLayout.get_default_for([bm, BK], gdt))
     dec = decode_args(bits, fmt, x2.dtype, pair_decode(bits, fmt))
-    L4, _, _ = _layouts(bits, bm, BK, 4 * wg, rn, dec["PAIRS"])
-    mma = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4 * wg, 1], instr_shape=[16, bm, 16])
-    out = gl.BlockedLayout([8, 1], [16, 2], [1, 4 * wg], [0, 1])
+    xs, L4, mma, out = _wgmma_layouts(bits, bm, wg, rn, dec["PAIRS"], x2.dtype)
+    desc = TensorDescriptor.from_tensor(xp, [bm, BK], xs)
     y = x2.new_empty(m, n)
     xa = F.linear(x2, A) if A is not None else None
     r = B.shape[1] if B is not None else 0
-    _wgmma_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
+    _wgmma_kernel[(cdiv(m, bm), cdiv(n, bn))](
         desc, qweight.view(torch.int32), scales, offsets if offsets is not None else scales,
         book if book is not None else scales, xa if xa is not None else x2, B if B is not None else x2,
         bias if bias is not None else x2, y, m, n, k, k * bits // 32, scales.shape[1], r,
         xa.stride(0) if xa is not None else 0, y.stride(0), G=group, BITS=bits, FMT=fmt, HAS_Z=offsets is not None,
         HAS_CORR=B is not None, HAS_BIAS=bias is not None, BM=bm, BK=BK, WG=wg, RN=rn, STAGES=stages,
-        RP=max(16, triton.next_power_of_2(max(r, 1))), L4=L4, MMA=mma, OUT=out, num_warps=4 * wg, **dec)  # fmt: skip
+        RP=max(16, next_pow2(max(r, 1))), L4=L4, MMA=mma, OUT=out, num_warps=4 * wg, **dec)  # fmt: skip
     return y

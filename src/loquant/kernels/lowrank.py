@@ -25,6 +25,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from loquant.kernels import cdiv, next_pow2
+
 
 @triton.jit
 def _xa_kernel(x_ptr, a_ptr, xa_ptr, M, K, stride_xm, stride_am, stride_om, MB: tl.constexpr, BK: tl.constexpr,
@@ -69,9 +71,9 @@ def xa(x2: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, bool]:
     r = A.shape[0]
     A = A if A.stride(1) == 1 else A.contiguous()
     out = x2.new_empty(m, r)
-    mb = min(triton.next_power_of_2(m), 2)  # more programs, short ones: the main kernel's CTAs wait for slots
-    bk = min(triton.next_power_of_2(k), 4096 // mb)  # 32 products per thread and step
+    mb = min(next_pow2(m), 2)  # more programs, short ones: the main kernel's CTAs wait for slots
+    bk = min(next_pow2(k), 4096 // mb)  # 32 products per thread and step
     pdl = pdl_supported(x2.device.index or 0)
-    _xa_kernel[(r, triton.cdiv(m, mb))](x2, A, out, m, k, x2.stride(0), A.stride(0), out.stride(0), MB=mb, BK=bk,
+    _xa_kernel[(r, cdiv(m, mb))](x2, A, out, m, k, x2.stride(0), A.stride(0), out.stride(0), MB=mb, BK=bk,
                                         PDL=pdl, launch_pdl=pdl, num_warps=4)  # fmt: skip
     return out, pdl

@@ -9,9 +9,8 @@ import functools
 
 import torch
 import torch.nn.functional as F
-import triton
 
-from loquant.kernels import gluon_dequant, gluon_gemv, gluon_mma, gluon_wgmma, split_k, units
+from loquant.kernels import cdiv, gluon_dequant, gluon_gemv, gluon_mma, gluon_wgmma, next_pow2, split_k, units
 from loquant.kernels.triton_qmm import _gemm_kernel
 
 GEMV, GEMM, DEQUANT, MMA, WGMMA = 1, 2, 3, 4, 5
@@ -85,11 +84,11 @@ def _run_gemm(x2, qweight, scales, offsets, book, A, B, bias, bits, fmt, n, k, g
     xa = None if A is None else F.linear(x2, A)
     cfg = dict(gemm_config(m, bits, n, k))
     bm, bn, j = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("J")
-    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    tiles = cdiv(m, bm) * cdiv(n, bn)
     # about 2 programs per SM, at least 4 steps of J units per split
     split = cfg.pop("SPLIT_K", None) or split_k(tiles, ku // j, _num_sms(x2.device.index or 0), 2, 4)
-    per_split = triton.cdiv(triton.cdiv(ku, split), j) * j
-    split = triton.cdiv(ku, per_split)
+    per_split = cdiv(cdiv(ku, split), j) * j
+    split = cdiv(ku, per_split)
     y = torch.zeros(m, n, device=x2.device, dtype=torch.float32) if split > 1 else x2.new_empty(m, n)
     r = B.shape[1] if B is not None else 0
     _gemm_kernel[(tiles, split)](
@@ -97,7 +96,7 @@ def _run_gemm(x2, qweight, scales, offsets, book, A, B, bias, bits, fmt, n, k, g
         bias if bias is not None else x2, y, m, n, ku, rw, scales.shape[1], r, per_split,
         x2.stride(0), xa.stride(0) if xa is not None else 0, y.stride(0), G=group,
         BITS=bits, FMT=fmt, HAS_Z=has_z, HAS_CORR=B is not None, HAS_BIAS=bias is not None, BM=bm, BN=bn,
-        J=j, RP=max(16, triton.next_power_of_2(max(r, 1))), SPLIT_K=split, GROUP_M=8, **cfg)  # fmt: skip
+        J=j, RP=max(16, next_pow2(max(r, 1))), SPLIT_K=split, GROUP_M=8, **cfg)  # fmt: skip
     return y if split == 1 else y.to(x2.dtype)
 
 
@@ -180,8 +179,7 @@ def pick_path(m: int, fmt: int, bits: int, k: int, group: int, n: int = 0, wgmma
     return GEMM if m <= GEMM_MAX_M and fmt != 2 else DEQUANT
 
 
-@torch.library.custom_op("loquant::qmm", mutates_args=())
-def qmm(
+def run(
     x: torch.Tensor,
     qweight: torch.Tensor,
     scales: torch.Tensor,
@@ -217,6 +215,11 @@ def qmm(
     if path == WGMMA:
         return _run_wgmma(*args)
     return _run_dequant(*args)
+
+
+# The same function as an operator with a fake implementation, for torch.compile to trace.
+# Plain eager calls skip it (loquant.kernels.through_operator): its dispatch costs host time.
+qmm = torch.library.custom_op("loquant::qmm", run, mutates_args=())
 
 
 @qmm.register_fake
