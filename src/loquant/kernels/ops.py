@@ -131,36 +131,27 @@ def dequant_chunks(m: int, n: int) -> list[tuple[int, int]]:
 
 def _run_dequant(x2, qweight, scales, offsets, book, A, B, bias, bits, fmt, n, k, group):
     """deq(W) into a temporary matrix that cuBLAS multiplies, a chunk of rows at a time
-    (dequant_chunks). A correction rides in the same GEMM, [x | x·Aᵀ] · [deq(W) | B]ᵀ, K grown
-    by the rank (zero-padded to 8 for aligned rows): a second GEMM and an add would write y
-    once more and read it twice."""
+    (dequant_chunks), each chunk's GEMM writing its columns of y in place (cuBLAS takes y's row
+    stride as the output's leading dimension). A correction adds xa · B[rows]ᵀ onto the same
+    columns right after (beta = 1), while they are still in L2: faster on the H100 than one
+    GEMM with K grown by the rank, which had to copy x into [x | x·Aᵀ] (BENCHMARKS.md)."""
     m = x2.shape[0]
-    r = B.shape[1] if B is not None else 0
-    kc = k + -(-r // 8) * 8
-    xc = x2
-    if r:
-        xc = x2.new_empty(m, kc)
-        xc[:, :k] = x2
-        xc[:, k : k + r] = F.linear(x2, A)
-        xc[:, k + r :] = 0
+    xa = F.linear(x2, A) if B is not None else None
     chunks = dequant_chunks(m, n)
-    w = x2.new_empty(max(b - a for a, b in chunks), kc)
-    w[:, k + r :] = 0
+    w = x2.new_empty(max(b - a for a, b in chunks), k)
     y = x2.new_empty(m, n)
     rb = k * bits // 8  # packed bytes per row
     for a, b in chunks:
         wc = w[: b - a]
         z = offsets[a:b] if offsets is not None else None
-        gluon_dequant.dequantize(qweight[a * rb : b * rb], scales[a:b], z, book, bits, fmt, b - a, k, group, wc[:, :k])
-        if r:
-            wc[:, k : k + r] = B[a:b]
-        if len(chunks) == 1:
-            return F.linear(xc, wc, bias)
-        # into y's columns in place: cuBLAS takes y's row stride as the output's leading dimension
+        gluon_dequant.dequantize(qweight[a * rb : b * rb], scales[a:b], z, book, bits, fmt, b - a, k, group, wc)
+        yc = y[:, a:b]
         if bias is None:
-            torch.mm(xc, wc.t(), out=y[:, a:b])
+            torch.mm(x2, wc.t(), out=yc)
         else:
-            torch.addmm(bias[a:b], xc, wc.t(), out=y[:, a:b])
+            torch.addmm(bias[a:b], x2, wc.t(), out=yc)
+        if xa is not None:
+            yc.addmm_(xa, B[a:b].t())
     return y
 
 
