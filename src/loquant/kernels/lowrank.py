@@ -75,5 +75,5 @@ def xa(x2: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, bool]:
     bk = min(next_pow2(k), 4096 // mb)  # 32 products per thread and step
     pdl = pdl_supported(x2.device.index or 0)
     _xa_kernel[(r, cdiv(m, mb))](x2, A, out, m, k, x2.stride(0), A.stride(0), out.stride(0), MB=mb, BK=bk,
-                                        PDL=pdl, launch_pdl=pdl, num_warps=4)  # fmt: skip
+                                 PDL=pdl, launch_pdl=pdl, num_warps=4)  # fmt: skip
     return out, pdl
